@@ -1,6 +1,6 @@
 """Superpixel providers side by side: CPU cost per view and token-grid quality against the reference.
 
-    python -m benchmarks.superpixels [--views-per-photo 16] [--rounds 8] [--compile]
+    python -m benchmarks.superpixels [--views-per-photo 16] [--rounds 8]
 
 Reproduces the method of reference/superpixel_calibration.md on the photos bundled with
 scikit-image: MoCo-v3 augmented 224 views, one thread, all methods timed interleaved on the
@@ -56,7 +56,7 @@ def with_grey_level_noise(views: list[np.ndarray]) -> list[np.ndarray]:
     return [baseline(view) for view in noisy]
 
 
-def methods(compile_slic: bool) -> list[Method]:
+def methods() -> list[Method]:
     grid = q.block_grid_labels(224, 224, 196)
     rows = [
         Method("seeds, reference (224, 15 bins, 20 it)", per_view("seeds")),
@@ -66,16 +66,13 @@ def methods(compile_slic: bool) -> list[Method]:
         Method("ref: 14x14 block grid", lambda views: [grid] * len(views), timed=False),
         Method("ref: reference on +-1 grey level noise", with_grey_level_noise, timed=False),
     ]
-    if compile_slic:
-        compiled = per_batch("slic_torch", compile=True)
-        rows.insert(4, Method("slic_torch compiled (224, 10 it, batch)", compiled))
     return rows
 
 
 def time_methods(rows: list[Method], views: list[np.ndarray], rounds: int, chunk: int) -> dict[str, float]:
     """Median over rounds of CPU ms per view; every round runs each method on the same chunk."""
     timed = [m for m in rows if m.timed]
-    for method in timed:  # warm-up: SEEDS objects, torch kernels, compilation
+    for method in timed:  # warm-up: SEEDS objects, torch kernels
         method.run(views[:chunk])
     samples: dict[str, list[float]] = {m.label: [] for m in timed}
     for round_index in range(rounds):
@@ -113,15 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--views-per-photo", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=32, help="views per method per round")
-    parser.add_argument("--compile", action="store_true",
-                        help="add torch.compile'd slic_torch (compiles ~1 min)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
 
     photos = q.calibration_photos()
     views = q.moco_views(list(photos.values()), args.views_per_photo, seed=0)
-    rows = methods(args.compile)
+    rows = methods()
     began = time.perf_counter()
     cost = time_methods(rows, views, args.rounds, min(args.chunk, len(views)))
     quality = measure_quality(rows, views)

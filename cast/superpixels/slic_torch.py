@@ -8,14 +8,14 @@ Algorithm (Achanta et al.'s SLIC, restricted to the 3x3 neighbouring grid cells)
 features (L, a, b, y * m / S, x * m / S); centres start as the means of a regular grid of
 cells; each iteration assigns every pixel to the nearest of the 9 centres around its own cell
 and moves the centres to the means of their pixels (``index_add_``). Labels are the centre
-indices, relabelled to ``0..K-1`` per image. Every step is batched, and nothing reads values
-back to the host, so on CUDA the whole call queues asynchronously.
+indices, relabelled to ``0..K-1`` per image. Every step is batched, nothing reads values
+back to the host and nothing is copied to the device, so on CUDA the whole call queues
+asynchronously (``tests/test_superpixels.py`` runs it on the meta device to prove it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import ClassVar
 
@@ -31,11 +31,12 @@ from cast.superpixels.base import (
 )
 
 # sRGB (D65) -> XYZ, rows pre-divided by the D65 white point so Lab needs no further scaling.
-_RGB_TO_XYZ_WHITE = torch.tensor([
+# Python floats, not a tensor: moving a CPU tensor to CUDA would block the host on every call.
+_RGB_TO_XYZ_WHITE = [[coefficient / white for coefficient in row] for row, white in zip([
     [0.412453, 0.357580, 0.180423],
     [0.212671, 0.715160, 0.072169],
     [0.019334, 0.119193, 0.950227],
-], dtype=torch.float64) / torch.tensor([0.950456, 1.0, 1.088754], dtype=torch.float64)[:, None]
+], [0.950456, 1.0, 1.088754])]
 # Feature value of the fake centres beyond the grid border: far from every pixel.
 _FAR = 1e4
 
@@ -43,8 +44,8 @@ _FAR = 1e4
 def rgb_to_lab(images01: torch.Tensor) -> torch.Tensor:
     """sRGB ``[B, 3, H, W]`` in [0, 1] -> CIE Lab (L in 0..100), matching OpenCV's float conversion."""
     linear = torch.where(images01 > 0.04045, ((images01 + 0.055) / 1.055).pow(2.4), images01 / 12.92)
-    matrix = _RGB_TO_XYZ_WHITE.to(device=images01.device, dtype=images01.dtype)
-    xyz = torch.einsum("ij,bjhw->bihw", matrix, linear)
+    red, green, blue = linear.unbind(1)
+    xyz = torch.stack([r * red + g * green + b * blue for r, g, b in _RGB_TO_XYZ_WHITE], dim=1)
     f = torch.where(xyz > 0.008856, xyz.clamp_min(1e-12).pow(1 / 3), 7.787 * xyz + 16 / 116)
     fx, fy, fz = f.unbind(1)
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
@@ -59,7 +60,7 @@ def grid_shape(height: int, width: int, num_segments: int) -> tuple[int, int]:
 
 @dataclasses.dataclass
 class SlicTorchProvider(SuperpixelProvider):
-    """SLIC for a batch on the images' device; ``compile=True`` wraps the iteration in torch.compile."""
+    """SLIC for a batch on the images' device (eager torch: torch.compile measured no faster on CPU)."""
 
     name: ClassVar[str] = "slic_torch"
     on_device: ClassVar[bool] = True
@@ -67,7 +68,6 @@ class SlicTorchProvider(SuperpixelProvider):
     num_segments: int = 196
     compactness: float = 10.0
     iterations: int = 10
-    compile: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_segments, int) or self.num_segments < 1:
@@ -85,14 +85,16 @@ class SlicTorchProvider(SuperpixelProvider):
 
     def batch(self, images01: torch.Tensor) -> torch.Tensor:
         check_images01(images01)
-        run = _compiled_slic() if self.compile else _slic
         batch_size, _, height, width = images01.shape
         rows, cols = grid_shape(height, width, self.num_segments)
-        labels = run(images01.float(), rows, cols, self.compactness, self.iterations)
+        cell_h, cell_w = -(-height // rows), -(-width // cols)
+        rows, cols = -(-height // cell_h), -(-width // cell_w)  # no cell lies wholly in the padding
+        labels = _slic(images01.float(), rows, cols, cell_h, cell_w, self.compactness, self.iterations)
         return relabel_contiguous_batch(labels, rows * cols).reshape(batch_size, height, width)
 
 
-def _slic(images01: torch.Tensor, rows: int, cols: int, compactness: float, iterations: int) -> torch.Tensor:
+def _slic(images01: torch.Tensor, rows: int, cols: int, cell_h: int, cell_w: int, compactness: float,
+          iterations: int) -> torch.Tensor:
     """Centre index per pixel, ``[B, H, W]`` int64 in ``0..rows*cols-1``.
 
     Pixels are grouped by grid cell (the image is zero-padded to whole cells; padded pixels are
@@ -101,7 +103,6 @@ def _slic(images01: torch.Tensor, rows: int, cols: int, compactness: float, iter
     """
     batch_size, _, height, width = images01.shape
     device = images01.device
-    cell_h, cell_w = -(-height // rows), -(-width // cols)
     scale = compactness / math.sqrt(height * width / (rows * cols))
     ys = torch.arange(height, device=device, dtype=torch.float32)
     xs = torch.arange(width, device=device, dtype=torch.float32)
@@ -118,7 +119,8 @@ def _slic(images01: torch.Tensor, rows: int, cols: int, compactness: float, iter
     # Global cell index of each pixel, and the index step to each of the 9 neighbouring cells.
     cell = (torch.arange(height, device=device) // cell_h)[:, None] * cols \
         + (torch.arange(width, device=device) // cell_w)[None, :]
-    steps = torch.tensor([dy * cols + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)], device=device)
+    offsets = torch.arange(9, device=device)
+    steps = (offsets // 3 - 1) * cols + offsets % 3 - 1  # built on the device: no host-to-device copy
     labels = cell.expand(batch_size, height, width)
     centres = _centre_means(values, labels, rows * cols, None)
     for _ in range(iterations):
@@ -154,9 +156,3 @@ def _centre_means(values: torch.Tensor, labels: torch.Tensor, num_centres: int,
     if previous is None:
         return means
     return torch.where(counts > 0, means, previous)
-
-
-@functools.cache
-def _compiled_slic():
-    """torch.compile'd SLIC, built on first use (compiling takes 10-100 s; cached per shape after)."""
-    return torch.compile(_slic, dynamic=False)
