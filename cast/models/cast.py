@@ -8,6 +8,7 @@ with fixed sin-cos positions, or ``cast_deit.py`` with learned positions), the C
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -147,12 +148,13 @@ class CAST(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_drop = nn.Dropout(config.drop_rate)
-        drop_path = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        num_blocks = sum(config.depths)  # plain Python below keeps the model buildable on the meta device
+        drop_path = [config.drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, config.num_heads, config.mlp_ratio, config.qkv_bias, rate)
             for rate in drop_path
         )
-        self.stage_ends = tuple(int(e) for e in torch.tensor(config.depths).cumsum(0))
+        self.stage_ends = tuple(itertools.accumulate(config.depths))
         pool_heads = config.pool_num_heads or config.num_heads
         self.pools = nn.ModuleList(
             GraphPooling(dim, k, pool_heads, config.qkv_bias, config.pool_dropout, config.logit_scale)
