@@ -89,12 +89,14 @@ def test_backbone_parameter_counts_match_reference_table():
         assert backbone_params(cm.create_model("cast_base")) == pytest.approx(110.43e6, rel=0.01)
 
 
-def test_each_level_has_exactly_k_segments():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_level_has_exactly_k_segments(dtype):
     model = cm.create_model("cast_tiny").eval()
     superpixels = grid_superpixels(3, 64, seed=5)
     superpixels[1] = superpixels[1] * 2  # gaps: padded tokens inside the label range
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         out = model.forward_features(torch.randn(3, 3, 64, 64), superpixels, segmentation=True)
+    assert out.logits[0].dtype == torch.float32
     levels = cm.hierarchy(out, superpixels)
     assert levels.shape == (3, 4, 64, 64) and levels.dtype == torch.int64
     for b in range(3):

@@ -1,8 +1,8 @@
 """Batched farthest-point sampling in plain torch (replaces dgl's ``farthest_point_sampler``).
 
 Semantics follow dgl: squared Euclidean distances, a fixed start index, and on ties the lowest index wins
-(``argmax`` returns the first maximum). ``amax``/``argmax`` are used on purpose: ``Tensor.max(dim)`` is
-slow with 2 threads in torch 2.14 on CPU.
+(``argmax`` returns the first maximum). ``argmax`` rather than ``Tensor.max(dim)``: the latter is slow
+with 2 threads in torch 2.14 on CPU.
 """
 
 from __future__ import annotations
@@ -13,18 +13,33 @@ from cast.models.segment_ops import masked_mean
 
 
 @torch.no_grad()
-def farthest_point_sampling(points: torch.Tensor, num_samples: int, start_index: int = 0) -> torch.Tensor:
-    """Indices [B, num_samples] of farthest points in ``points`` [B, N, C], starting at ``start_index``."""
+def farthest_point_sampling(
+    points: torch.Tensor, num_samples: int, start_index: int = 0, exact: bool = True
+) -> torch.Tensor:
+    """Indices [B, num_samples] of farthest points in ``points`` [B, N, C], starting at ``start_index``.
+
+    ``exact`` computes each step's distances from coordinate differences, as dgl does (K passes over
+    [B, N, C]). Otherwise all pairwise distances come from one Gram matrix (|a|^2 + |b|^2 - 2ab) and each
+    step only reads a row: ~3x faster on CPU, but rounding can reorder near-ties.
+    """
     batch, num_points, _ = points.shape
     if not 0 < num_samples <= num_points:
         raise ValueError(f"farthest_point_sampling: num_samples={num_samples} must be in [1, {num_points}]")
     rows = torch.arange(batch, device=points.device)
     farthest = torch.full((batch,), start_index, dtype=torch.long, device=points.device)
     min_dist = torch.full((batch, num_points), float("inf"), dtype=points.dtype, device=points.device)
+    pairwise = None
+    if not exact:
+        norms = points.square().sum(-1)
+        gram = torch.bmm(points, points.transpose(1, 2))
+        pairwise = (norms.unsqueeze(2) + norms.unsqueeze(1) - 2 * gram).clamp_min_(0)
     picked = [farthest]
     for _ in range(num_samples - 1):
-        chosen = points[rows, farthest].unsqueeze(1)
-        min_dist = torch.minimum(min_dist, (points - chosen).square().sum(-1))
+        if pairwise is None:
+            dist = (points - points[rows, farthest].unsqueeze(1)).square().sum(-1)
+        else:
+            dist = pairwise[rows, farthest]
+        min_dist = torch.minimum(min_dist, dist)
         farthest = min_dist.argmax(dim=1)
         picked.append(farthest)
     return torch.stack(picked, dim=1)
@@ -32,18 +47,16 @@ def farthest_point_sampling(points: torch.Tensor, num_samples: int, start_index:
 
 @torch.no_grad()
 def sample_seeds(
-    tokens: torch.Tensor,
-    padding_mask: torch.Tensor | None,
-    num_seeds: int,
-    dtype: torch.dtype = torch.float32,
+    tokens: torch.Tensor, padding_mask: torch.Tensor | None, num_seeds: int, exact: bool = False
 ) -> torch.Tensor:
     """Seed token indices [B, num_seeds] by FPS started from the mean token, as CAST does.
 
     The mean of the valid tokens is prepended and used as the start point, so the first seed is the token
     farthest from the mean; padded tokens are replaced by that mean (distance 0), so they are never picked
-    while a valid token remains. ``dtype=float64`` reproduces dgl's arithmetic for checkpoint parity.
+    while a valid token remains. ``exact`` runs dgl's arithmetic in float64 (checkpoint parity); otherwise
+    float32 Gram-matrix distances.
     """
     mean = masked_mean(tokens, padding_mask).unsqueeze(1)
     filled = tokens if padding_mask is None else torch.where(padding_mask.unsqueeze(-1), mean, tokens)
-    points = torch.cat([mean, filled], dim=1).to(dtype)
-    return farthest_point_sampling(points, num_seeds + 1, start_index=0)[:, 1:] - 1
+    points = torch.cat([mean, filled], dim=1).to(torch.float64 if exact else torch.float32)
+    return farthest_point_sampling(points, num_seeds + 1, start_index=0, exact=exact)[:, 1:] - 1

@@ -80,15 +80,16 @@ class GraphPooling(nn.Module):
         """
         with record_function("cast.graph_pool"):
             with record_function("cast.fps"):
-                seeds = sample_seeds(
-                    tokens, padding_mask, self.num_clusters, torch.float64 if compat else torch.float32
-                )
+                seeds = sample_seeds(tokens, padding_mask, self.num_clusters, exact=compat)
             mask = None if compat else padding_mask
             nodes = self.centroid_fc(tokens, mask)
             seed_nodes = gather_tokens(nodes, seeds)
-            logits = self.logit_scale * torch.bmm(
-                F.normalize(nodes, dim=-1), F.normalize(seed_nodes, dim=-1).transpose(1, 2)
-            )
+            # float32 even under autocast: in bf16 a seed's cos of 1 ties with near-parallel tokens, and the
+            # argmax hierarchy would lose segments
+            with torch.autocast(nodes.device.type, enabled=False):
+                unit_nodes = F.normalize(nodes.float(), dim=-1)
+                unit_seeds = F.normalize(seed_nodes.float(), dim=-1)
+                logits = self.logit_scale * torch.bmm(unit_nodes, unit_seeds.transpose(1, 2))
             assignments = logits.softmax(dim=-1)
             if mask is not None:
                 assignments = assignments * (~mask).unsqueeze(-1).to(assignments.dtype)
