@@ -157,6 +157,9 @@ def test_dense_outputs_ignore_padding_and_area_pooling_keeps_every_superpixel():
     assert not both.padding_masks[0][0, :64].any() and both.padding_masks[0][0, 64:].all()
     torch.testing.assert_close(both.dense_tokens[1, ::2], alone.dense_tokens[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(both.embedding[1], alone.embedding[0], rtol=1e-4, atol=1e-5)
+    pixels = cm.paint_superpixels(both.dense_tokens, superpixels)
+    assert pixels.shape == (2, 64, 64, 192)
+    torch.testing.assert_close(pixels[1, 5, 7], both.dense_tokens[1, superpixels[1, 5, 7]])
 
 
 def test_compat_and_default_agree_without_padding():
@@ -177,6 +180,7 @@ def test_compat_and_default_agree_without_padding():
 def test_timm_api_and_bad_inputs():
     model = timm.create_model("cast_tiny", num_classes=10)
     assert model.embed_dim == 192 and model.head.out_features == 10
+    assert timm.data.resolve_data_config(model=model)["input_size"] == (3, 64, 64)
     model.reset_classifier(0)
     images, superpixels = torch.randn(1, 3, 64, 64), grid_superpixels(1, 64)
     assert model(images, superpixels).shape == (1, 192)

@@ -199,6 +199,7 @@ def ragged_superpixels(size: int) -> torch.Tensor:
         ("cast_tiny", {"pos_embed": "learned"}, "cls"),
         ("cast_seg_tiny_pretrain", {}, "pretrain"),
         ("cast_seg_tiny", {}, "segmentation"),
+        ("cast_seg_tiny", {"pos_embed": "learned"}, "segmentation"),
     ],
 )
 def test_compat_matches_literal_original(name, overrides, stage):

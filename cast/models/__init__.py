@@ -2,7 +2,7 @@
 
 from cast.models import registry as _registry  # noqa: F401  (registers the timm entrypoints)
 from cast.models.cast import CAST, CASTConfig, CASTOutput
-from cast.models.hierarchy import hierarchy
+from cast.models.hierarchy import hierarchy, paint_superpixels
 from cast.models.original_checkpoint import LoadReport, load_original_checkpoint
 from cast.models.registry import PRESETS, cast_config
 
@@ -16,6 +16,7 @@ __all__ = [
     "create_model",
     "hierarchy",
     "load_original_checkpoint",
+    "paint_superpixels",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Per-level pixel segmentations from a forward result (argmax chain over the assignment logits)."""
+"""From superpixel tokens back to pixels: per-level segmentations and per-pixel features."""
 
 from __future__ import annotations
 
@@ -6,6 +6,24 @@ import torch
 
 from cast.models.cast import CASTOutput
 from cast.models.fusion import chain_assignments
+
+
+def paint_superpixels(values: torch.Tensor, superpixels: torch.Tensor) -> torch.Tensor:
+    """Give every pixel its superpixel's value: values [B, N, *D] (token i = label i) and superpixels
+    [B, H, W] -> [B, H, W, *D]. Used to turn dense per-superpixel outputs into pixel maps."""
+    batch, num_tokens = values.shape[:2]
+    if superpixels.dim() != 3 or superpixels.shape[0] != batch:
+        raise ValueError(
+            f"superpixels must be [B, H, W] for a batch of {batch}, got {tuple(superpixels.shape)}"
+        )
+    if int(superpixels.max()) >= num_tokens:
+        raise ValueError(
+            f"superpixel label {int(superpixels.max())} has no token (there are {num_tokens}); in compat "
+            "mode the original drops the largest labels lost by nearest snapping"
+        )
+    flat = values.reshape(batch, num_tokens, -1)
+    index = superpixels.long().reshape(batch, -1, 1).expand(-1, -1, flat.shape[-1])
+    return torch.gather(flat, 1, index).view(*superpixels.shape, *values.shape[2:])
 
 
 @torch.no_grad()
@@ -19,19 +37,5 @@ def hierarchy(output: CASTOutput, superpixels: torch.Tensor) -> torch.Tensor:
     """
     if not output.logits:
         raise ValueError("hierarchy: the output holds no assignment logits")
-    superpixels = superpixels.long()
-    num_tokens = output.logits[0].shape[1]
-    if superpixels.dim() != 3 or superpixels.shape[0] != output.logits[0].shape[0]:
-        raise ValueError(
-            f"hierarchy: superpixels must be [B, H, W] for the same batch, got {tuple(superpixels.shape)}"
-        )
-    if int(superpixels.max()) >= num_tokens:
-        raise ValueError(
-            f"hierarchy: superpixel label {int(superpixels.max())} has no token "
-            f"(the model made {num_tokens}); "
-            "in compat mode the original drops the largest labels lost by nearest snapping"
-        )
-    labels = torch.stack(chain_assignments(output.logits), dim=1)  # [B, L, N_1]
-    batch, levels, _ = labels.shape
-    flat = superpixels.flatten(1).unsqueeze(1).expand(-1, levels, -1)
-    return torch.gather(labels, 2, flat).view(batch, levels, *superpixels.shape[1:])
+    labels = torch.stack(chain_assignments(output.logits), dim=-1)  # [B, N_1, L]
+    return paint_superpixels(labels, superpixels).permute(0, 3, 1, 2).contiguous()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import fields
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model
 
 from cast.models.cast import CAST, CASTConfig
@@ -66,7 +67,21 @@ def _entrypoint(name: str):
             raise ValueError(f"{name}: no weights are downloaded; use cast.models.load_original_checkpoint")
         for key in _TIMM_ONLY_ARGS:
             kwargs.pop(key, None)
-        return CAST(cast_config(name, **kwargs))
+        model = CAST(cast_config(name, **kwargs))
+        size = model.config.img_size
+        # what timm.data.resolve_data_config reads; models are trained on ImageNet-normalised images
+        model.pretrained_cfg = model.default_cfg = {
+            "architecture": name,
+            "input_size": (3, size, size),
+            "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD,
+            "interpolation": "bicubic",
+            "crop_pct": 0.875,
+            "num_classes": model.num_classes,
+            "first_conv": "stem.proj.0",
+            "classifier": "head",
+        }
+        return model
 
     create.__name__ = create.__qualname__ = name
     create.__module__ = __name__
