@@ -219,6 +219,30 @@ class CAST(nn.Module):
         if int(superpixels.min()) < 0:
             raise ValueError("CAST: superpixel labels must be >= 0")
 
+    def _tokens(self, images: torch.Tensor, superpixels: torch.Tensor):
+        """Superpixel tokens [B, S, C] with positions, their padding mask [B, S] and the cls token."""
+        self._check_inputs(images, superpixels)
+        config = self.config
+        table, cls_pos = self._positions()
+        tokens, support = superpixel_tokens(
+            self.stem(images),
+            table,
+            config.grid_size,
+            superpixels.long(),
+            config.resolved_token_pooling,
+            count_labels_on_grid=config.compat,
+        )
+        padding = support == 0
+        if not config.compat:
+            fewest = int((~padding).sum(dim=1).amin())
+            if fewest < config.num_clusters[0]:
+                raise ValueError(
+                    f"CAST: an image has only {fewest} superpixel tokens but the first pooling makes "
+                    f"{config.num_clusters[0]} clusters; use more superpixels or fewer clusters"
+                )
+        cls = (self.cls_token + cls_pos).expand(tokens.shape[0], -1, -1)
+        return self.pos_drop(tokens), padding, cls
+
     def forward_features(
         self, images: torch.Tensor, superpixels: torch.Tensor, *, segmentation: bool = False
     ) -> CASTOutput:
@@ -226,30 +250,8 @@ class CAST(nn.Module):
         ``segmentation=True`` or in compat mode: the image embedding never depends on it (classification
         reads the cls before it; the fusion variants need only its cls update, which skips the clustering).
         """
-        self._check_inputs(images, superpixels)
-        config = self.config
-        compat = config.compat
-        superpixels = superpixels.long()
-        features = self.stem(images)
-        table, cls_pos = self._positions()
-        tokens, support = superpixel_tokens(
-            features,
-            table,
-            config.grid_size,
-            superpixels,
-            config.resolved_token_pooling,
-            count_labels_on_grid=compat,
-        )
-        padding = support == 0
-        if not compat:
-            fewest = int((~padding).sum(dim=1).amin())
-            if fewest < config.num_clusters[0]:
-                raise ValueError(
-                    f"CAST: an image has only {fewest} superpixel tokens but the first pooling makes "
-                    f"{config.num_clusters[0]} clusters; use more superpixels or fewer clusters"
-                )
-        x = self.pos_drop(tokens)
-        cls = (self.cls_token + cls_pos).expand(x.shape[0], -1, -1)
+        compat = self.config.compat
+        x, padding, cls = self._tokens(images, superpixels)
         batch = x.shape[0]
         stage_tokens, logits, seeds, pooled_cls = [], [], [], []
         padding_masks = [padding]
