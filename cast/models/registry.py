@@ -67,7 +67,8 @@ def _entrypoint(name: str):
             raise ValueError(f"{name}: no weights are downloaded; use cast.models.load_original_checkpoint")
         for key in _TIMM_ONLY_ARGS:
             kwargs.pop(key, None)
-        model = CAST(cast_config(name, **kwargs))
+        placement = {key: kwargs.pop(key) for key in ("device", "dtype") if key in kwargs}
+        model = CAST(cast_config(name, **kwargs)).to(**placement)
         size = model.config.img_size
         # what timm.data.resolve_data_config reads; models are trained on ImageNet-normalised images
         model.pretrained_cfg = model.default_cfg = {
