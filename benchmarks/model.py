@@ -1,6 +1,6 @@
 """Training-step throughput of CAST-S against ViT-S/16 baselines, side by side in one run.
 
-    python -m benchmarks.model                      # CPU: batch 8 at 224 px, 3 timed steps per model
+    python -m benchmarks.model                      # CPU: batch 8 at 224 px, 5 timed steps per model
     python -m benchmarks.model --device cuda --batch 128 --iters 20   # bf16 autocast on a GPU
 
 Models: ``cast_small`` (stride-8 conv stem, 196 jittered-grid superpixels, 11 blocks + 4 graph poolings),
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--iters", type=int, default=3, help="timed steps per model")
+    parser.add_argument("--iters", type=int, default=5, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
