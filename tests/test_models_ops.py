@@ -102,3 +102,17 @@ def test_token_pooling_modes():
         expected[label] = feats[0, cells[ys], cells[xs]].mean(0)
     torch.testing.assert_close(area[0], expected)
     assert area_count[0].tolist() == [float((sp == k).sum()) for k in range(3)]
+
+
+def test_area_pooling_is_resolution_independent():
+    # a superpixel map at half the image resolution (as SPML computes SEEDS on a 0.5x crop) gives the
+    # same area-weighted tokens as the same map upsampled to full resolution
+    gen = torch.Generator().manual_seed(4)
+    feats = torch.randn(2, 4, 4, 6, generator=gen)
+    half = torch.randint(0, 5, (2, 16, 16), generator=gen)
+    full = half.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    table = torch.randn(16, 6, generator=gen)
+    a, count_a = superpixel_tokens(feats, table, (4, 4), half, "area")
+    b, count_b = superpixel_tokens(feats, table, (4, 4), full, "area")
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(count_a * 4, count_b)
