@@ -2,6 +2,7 @@
 
 import pytest
 import timm
+import timm.optim
 import torch
 
 import cast.models as cm
@@ -181,6 +182,9 @@ def test_timm_api_and_bad_inputs():
     model = timm.create_model("cast_tiny", num_classes=10)
     assert model.embed_dim == 192 and model.head.out_features == 10
     assert timm.data.resolve_data_config(model=model)["input_size"] == (3, 64, 64)
+    groups = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05).param_groups
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(model.cls_token) in no_decay and id(model.blocks[0].attn.qkv.weight) not in no_decay
     model.reset_classifier(0)
     images, superpixels = torch.randn(1, 3, 64, 64), grid_superpixels(1, 64)
     assert model(images, superpixels).shape == (1, 192)

@@ -202,6 +202,11 @@ class CAST(nn.Module):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names timm's optimizer factory keeps out of weight decay (the DeiT recipe; 1-D params too)."""
+        return {"pos_embed", "cls_token"}
+
     def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(grid table [G, C], cls position [1, 1, C])."""
         if self.config.pos_embed == "sincos":
