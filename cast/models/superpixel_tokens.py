@@ -62,16 +62,17 @@ def superpixel_tokens(
     if mode not in TOKEN_POOLING_MODES:
         raise ValueError(f"token pooling mode {mode!r} is not one of {TOKEN_POOLING_MODES}")
     batch, grid_h, grid_w, channels = features.shape
+    features, pos_table = features.float(), pos_table.float()  # positions lose digits in bf16
     with record_function("cast.segment_ops"):
         if mode == "bilinear":
             size = tuple(superpixels.shape[-2:])
             pixels = F.interpolate(
                 features.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False
             )
-            pixels = pixels.permute(0, 2, 3, 1) + resize_table(pos_table, pos_grid, size).to(pixels.dtype)
+            pixels = pixels.permute(0, 2, 3, 1) + resize_table(pos_table, pos_grid, size)
             num_segments = int(superpixels.max()) + 1
             return segment_mean(pixels.reshape(batch, -1, channels), superpixels.flatten(1), num_segments)
-        values = features + resize_table(pos_table, pos_grid, (grid_h, grid_w)).to(features.dtype)
+        values = features + resize_table(pos_table, pos_grid, (grid_h, grid_w))
         if mode == "nearest":
             labels = snap_to_grid(superpixels, (grid_h, grid_w))
             num_segments = int((labels if count_labels_on_grid else superpixels).max()) + 1
