@@ -54,8 +54,8 @@ def test_fps_equals_brute_force_including_ties():
     gen = torch.Generator().manual_seed(1)
     continuous = torch.randn(2, 30, 4, generator=gen, dtype=torch.float64)
     lattice = torch.randint(0, 3, (2, 30, 2), generator=gen).double()  # many exact ties and duplicates
-    for points, exact in itertools.product((continuous, lattice), (True, False)):
-        got = farthest_point_sampling(points.float() if not exact else points, 12, start_index=0, exact=exact)
+    for points in (continuous, lattice, continuous.float(), lattice.float()):
+        got = farthest_point_sampling(points, 12, start_index=0)
         for b in range(2):
             assert got[b].tolist() == brute_force_fps(points[b].numpy(), 12, 0)
 
