@@ -1,0 +1,70 @@
+"""Build a CAST model for evaluation or inference from a checkpoint (path or any fsspec URL).
+
+Accepted: a state dict in our key names (bare, or under ``model``/``state_dict``, ``module.`` prefixes
+allowed), or a released original checkpoint (MoCo ``.pth.tar``, DeiT ``.pth``, linear-probe, Segmenter,
+SPML) through ``cast.models.load_original_checkpoint``. The backbone must load completely; heads and
+projectors may be absent (the encoder's embedding is what we evaluate).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from cast.models import CAST, create_model, load_original_checkpoint
+from cast.models.original_checkpoint import read_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def _is_head(key: str) -> bool:
+    return key.startswith("head.")
+
+
+def own_state_dict(checkpoint: dict, model: CAST) -> dict[str, torch.Tensor] | None:
+    """The state dict inside ``checkpoint`` if it uses our key names (most of the model's keys appear
+    verbatim after dropping ``module.``), else None (an original layout)."""
+    for container in ("model", "state_dict"):
+        if isinstance(checkpoint.get(container), dict):
+            checkpoint = checkpoint[container]
+    if not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return None
+    state = {k.removeprefix("module."): v for k, v in checkpoint.items()}
+    ours = model.state_dict()
+    return state if sum(k in state for k in ours) >= 0.9 * len(ours) else None
+
+
+def _load(checkpoint_url: str, model: CAST) -> tuple[list[str], list[str], str]:
+    """Load weights; returns (missing backbone keys, mismatched keys, description)."""
+    checkpoint = read_checkpoint(checkpoint_url)
+    state = own_state_dict(checkpoint, model)
+    if state is None:
+        report = load_original_checkpoint(checkpoint, model)
+        return [k for k in report.missing if not _is_head(k)], report.mismatched, str(report)
+    ours = model.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
+                  for k, v in state.items() if k in ours and v.shape != ours[k].shape]
+    fitting = {k: v for k, v in state.items() if k in ours and v.shape == ours[k].shape}
+    result = model.load_state_dict(fitting, strict=False)
+    unexpected = sorted(set(state) - set(ours))
+    description = (f"our layout: loaded {len(fitting)} tensors; missing {result.missing_keys[:8]}; "
+                   f"unexpected {unexpected[:8]}; mismatched {mismatched[:8]}")
+    return [k for k in result.missing_keys if not _is_head(k)], mismatched, description
+
+
+def load_model(model_name: str, checkpoint: str | None, *, device: str | torch.device = "cpu",
+               **model_options) -> CAST:
+    """``model_name`` (a registered variant, with ``model_options`` such as ``img_size``) with the weights
+    of ``checkpoint``, or randomly initialised when it is None; in eval mode on ``device``.
+
+    Raises ValueError naming the checkpoint when backbone weights are missing or do not fit.
+    """
+    model = create_model(model_name, **{"num_classes": 0, **model_options})
+    if checkpoint is not None:
+        missing, mismatched, description = _load(checkpoint, model)
+        if missing or mismatched:
+            raise ValueError(f"{checkpoint}: does not fit {model_name} (pass the --model it was trained as)\n"
+                             f"{description}")
+        log.info("loaded %s into %s: %s", checkpoint, model_name, description)
+    return model.eval().to(device)
