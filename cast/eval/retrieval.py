@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cast.eval.features import batch_views
 from cast.eval.segmentation import IGNORE_INDEX, SegmentationMeter
+from cast.superpixels import SuperpixelProvider
 
 DEFAULT_TOP_K = 20
 
@@ -189,12 +191,13 @@ def cast_segmented_images(model, images: torch.Tensor, superpixels: torch.Tensor
 
 
 def iter_cast_segmented_images(model, batches: Iterable[dict], device: str | torch.device = "cpu",
-                               level: int | None = None) -> Iterator[SegmentedImage]:
-    """``cast_segmented_images`` over loader batches (``images`` [B, 1, 3, H, W], ``superpixels``,
-    ``mask``, ``key``), model in eval mode on ``device``."""
+                               level: int | None = None,
+                               provider: SuperpixelProvider | None = None) -> Iterator[SegmentedImage]:
+    """``cast_segmented_images`` over loader batches (first view; ``mask`` and ``key`` carried along),
+    model in eval mode on ``device``."""
     model.eval().to(device)
     for batch in batches:
-        images = batch["images"][:, 0].to(device)
-        superpixels = batch["superpixels"][:, 0].to(device)
-        yield from cast_segmented_images(model, images, superpixels, batch.get("mask"), level,
-                                         batch.get("key"))
+        if "mask" not in batch:
+            raise ValueError("segment retrieval needs batches with a 'mask' (shards with seg.png)")
+        images, superpixels = batch_views(batch, device, provider)
+        yield from cast_segmented_images(model, images, superpixels, batch["mask"], level, batch.get("key"))
