@@ -61,28 +61,33 @@ def cast_config(name: str, **overrides) -> CASTConfig:
     return CASTConfig(**{**PRESETS[name], **overrides})
 
 
+def create_model(name: str, **overrides) -> CAST:
+    """Build a registered variant (what ``timm.create_model(name, **overrides)`` calls)."""
+    placement = {key: overrides.pop(key) for key in ("device", "dtype") if key in overrides}
+    model = CAST(cast_config(name, **overrides)).to(**placement)
+    size = model.config.img_size
+    # what timm.data.resolve_data_config reads; models are trained on ImageNet-normalised images
+    model.pretrained_cfg = model.default_cfg = {
+        "architecture": name,
+        "input_size": (3, size, size),
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "interpolation": "bicubic",
+        "crop_pct": 0.875,
+        "num_classes": model.num_classes,
+        "first_conv": "stem.proj.0",
+        "classifier": "head",
+    }
+    return model
+
+
 def _entrypoint(name: str):
     def create(pretrained: bool = False, **kwargs) -> CAST:
         if pretrained:
             raise ValueError(f"{name}: no weights are downloaded; use cast.models.load_original_checkpoint")
         for key in _TIMM_ONLY_ARGS:
             kwargs.pop(key, None)
-        placement = {key: kwargs.pop(key) for key in ("device", "dtype") if key in kwargs}
-        model = CAST(cast_config(name, **kwargs)).to(**placement)
-        size = model.config.img_size
-        # what timm.data.resolve_data_config reads; models are trained on ImageNet-normalised images
-        model.pretrained_cfg = model.default_cfg = {
-            "architecture": name,
-            "input_size": (3, size, size),
-            "mean": IMAGENET_DEFAULT_MEAN,
-            "std": IMAGENET_DEFAULT_STD,
-            "interpolation": "bicubic",
-            "crop_pct": 0.875,
-            "num_classes": model.num_classes,
-            "first_conv": "stem.proj.0",
-            "classifier": "head",
-        }
-        return model
+        return create_model(name, **kwargs)
 
     create.__name__ = create.__qualname__ = name
     create.__module__ = __name__
