@@ -198,3 +198,23 @@ def test_timm_api_and_bad_inputs():
         model(images, superpixels.float())
     with pytest.raises(ValueError, match="same length"):
         cm.CASTConfig(depths=(1, 1), num_clusters=(4,))
+
+
+@pytest.mark.parametrize("task", ["classification", "dense"])
+def test_stage_count_is_configuration(task):
+    config = cm.CASTConfig(
+        embed_dim=64,
+        depths=(1, 2, 1, 1, 1),
+        num_clusters=(24, 12, 6, 3, 2),
+        num_heads=2,
+        img_size=48,
+        task=task,
+        num_classes=5,
+    )
+    model = cm.CAST(config).eval()
+    superpixels = grid_superpixels(2, 48, cell=8)
+    with torch.no_grad():
+        out = model.forward_features(torch.randn(2, 3, 48, 48), superpixels, segmentation=True)
+    levels = cm.hierarchy(out, superpixels)
+    assert [levels[0, lv].unique().numel() for lv in range(5)] == [16, 12, 6, 3, 2]
+    assert len(model.blocks) == 6 and len(model.pools) == 5
