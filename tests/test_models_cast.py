@@ -205,7 +205,7 @@ def test_stage_count_is_configuration(task):
     config = cm.CASTConfig(
         embed_dim=64,
         depths=(1, 2, 1, 1, 1),
-        num_clusters=(24, 12, 6, 3, 2),
+        num_clusters=(16, 12, 6, 3, 2),
         num_heads=2,
         img_size=48,
         task=task,
