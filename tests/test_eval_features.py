@@ -10,26 +10,14 @@ from cast.eval.knn import knn_accuracy
 from cast.eval.retrieval import evaluate_retrieval, iter_cast_segmented_images
 from cast.models import cast_config, create_model
 from cast.superpixels import get_provider
-from tests.fixtures.mosaics import CLASS_NAMES, make_mosaics
+from tests.fixtures.mosaics import CLASS_NAMES, dominant_class, make_mosaics, mosaic_batches
 
 SIZE = 64
 
 
 def _batches(mosaics, batch_size=3, with_superpixels=True):
-    """Batches as cast.data yields them for evaluation: one view, SEEDS maps, label, mask, key."""
-    seeds = get_provider("seeds", preset="moco")
-    for start in range(0, len(mosaics), batch_size):
-        chunk = mosaics[start:start + batch_size]
-        views = np.stack([m.image for m in chunk])
-        batch = {
-            "images": normalise(views)[:, None],
-            "label": torch.tensor([int(np.bincount(m.mask.ravel()).argmax()) for m in chunk]),
-            "mask": torch.from_numpy(np.stack([m.mask for m in chunk])),
-            "key": [f"mosaic{start + i}" for i in range(len(chunk))],
-        }
-        if with_superpixels:
-            batch["superpixels"] = torch.from_numpy(np.stack([seeds(v) for v in views]))[:, None]
-        yield batch
+    provider = get_provider("seeds", preset="moco") if with_superpixels else None
+    return mosaic_batches(mosaics, batch_size, provider)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +37,7 @@ def test_extract_features_and_knn(model):
     features = extract_features(model, _batches(mosaics), progress=False)
     assert features.embeddings.shape == (7, model.embed_dim) and features.embeddings.dtype == torch.float32
     assert features.keys == [f"mosaic{i}" for i in range(7)]
-    expected = [int(np.bincount(m.mask.ravel()).argmax()) for m in mosaics]
+    expected = [dominant_class(m) for m in mosaics]
     assert features.labels.tolist() == expected
     # the same model and input give the same embedding, whatever the batch it sits in
     alone = extract_features(model, _batches(mosaics[6:], batch_size=1), progress=False)

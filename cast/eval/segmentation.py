@@ -84,9 +84,9 @@ def boundary_recall(segments, target, tolerance: int = 2, ignore_index: int = IG
 class SegmentationMeter:
     """Accumulates a dataset-level confusion matrix and per-image scores over ``update`` calls.
 
-    Per-image mIoU averages IoU over the classes present in that image's ground truth or prediction
-    (the torchmetrics ``JaccardIndex`` macro behaviour the PartImageNet evaluation used); images with no
-    valid pixel are skipped and counted.
+    Per-image mIoU (the PartImageNet protocol scores each image, then averages) takes the mean IoU over
+    the classes present in that image's ground truth or prediction, so absent classes neither reward nor
+    punish; images with no valid pixel are skipped and counted.
     """
 
     num_classes: int
