@@ -80,6 +80,14 @@ def _check(image: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return image, levels.astype(np.int64)
 
 
+def _level_numbers(levels: np.ndarray, level_numbers: list[int] | None) -> list[int]:
+    if level_numbers is None:
+        return list(range(1, len(levels) + 1))
+    if len(level_numbers) != len(levels):
+        raise ValueError(f"viz: {len(level_numbers)} level numbers for {len(levels)} levels")
+    return list(level_numbers)
+
+
 def upscale_factor(height: int, width: int, min_panel_size: int) -> int:
     """Integer factor that brings the shorter side to at least ``min_panel_size`` (1 if it is already)."""
     return max(1, -(-min_panel_size // min(height, width)))
@@ -93,16 +101,19 @@ def render_hierarchy(
     boundary_colour: tuple[int, int, int] = (255, 255, 255),
     min_panel_size: int = 0,
     titles: bool = True,
+    level_numbers: list[int] | None = None,
 ) -> np.ndarray:
     """The image followed by one panel per level: segments filled (``mean`` colour or ``palette`` tint)
     and outlined, as the paper's figures show the hierarchy. Small images are upscaled by an integer
     factor (nearest) to ``min_panel_size`` before drawing, so borders stay one pixel wide per side.
+    ``level_numbers`` names the panels when ``levels`` is a subset (default 1..L).
 
     Returns uint8 [header + s*H, (L+1)*s*W + L*gap, 3], where the header exists only with ``titles``.
     """
     if fill not in FILLS:
         raise ValueError(f"viz: fill must be one of {FILLS}, got {fill!r}")
     image, levels = _check(image, levels)
+    numbers = _level_numbers(levels, level_numbers)
     scale = upscale_factor(*image.shape[:2], min_panel_size) if min_panel_size else 1
     if scale > 1:
         image = image.repeat(scale, 0).repeat(scale, 1)
@@ -113,12 +124,12 @@ def render_hierarchy(
     canvas = np.full((header + height, num_panels * width + (num_panels - 1) * PANEL_GAP, 3), 255, np.uint8)
     captions = ["image"]
     canvas[header:, :width] = image
-    for index, labels in enumerate(levels, start=1):
+    for index, (number, labels) in enumerate(zip(numbers, levels), start=1):
         panel = mean_colour_fill(image, labels) if fill == "mean" else palette_fill(image, labels)
         panel[segment_boundaries(labels)] = boundary_colour
         left = index * (width + PANEL_GAP)
         canvas[header:, left:left + width] = panel
-        captions.append(f"level {index}: {len(np.unique(labels))}")
+        captions.append(f"level {number}: {len(np.unique(labels))}")
     if titles:
         picture = Image.fromarray(canvas)
         draw = ImageDraw.Draw(picture)
@@ -165,14 +176,15 @@ def label_map_image(labels: np.ndarray) -> Image.Image:
     raise ValueError(f"viz: label {top} does not fit a 16-bit PNG")
 
 
-def save_label_maps(out_dir: str, stem: str, levels: np.ndarray) -> list[str]:
-    """Write ``{stem}_level{l}.png`` per level (1-based) and ``{stem}_levels.npy`` (int32 [L, H, W]) under
-    ``out_dir``; returns the written URLs."""
+def save_label_maps(out_dir: str, stem: str, levels: np.ndarray,
+                    level_numbers: list[int] | None = None) -> list[str]:
+    """Write ``{stem}_level{l}.png`` per level (l = ``level_numbers``, default 1..L) and ``{stem}_levels.npy``
+    (int32 [L, H, W]) under ``out_dir``; returns the written URLs."""
     levels = np.asarray(levels)
     if levels.ndim != 3:
         raise ValueError(f"viz: levels must be [L, H, W], got {levels.shape}")
     written = []
-    for index, labels in enumerate(levels, start=1):
+    for index, labels in zip(_level_numbers(levels, level_numbers), levels):
         url = posixpath.join(out_dir, f"{stem}_level{index}.png")
         save_png(url, label_map_image(labels))
         written.append(url)

@@ -105,6 +105,22 @@ def test_centre_view_is_square_crop_of_shorter_side():
     assert view[:, :14].max() == 0 and view[:, 18:].min() == 255
 
 
+def test_segment_images_levels_subset_and_bad_level(tmp_path):
+    from cast.eval.images import NamedImage
+    from cast.eval.segment_images import segment_images
+    from cast.superpixels import get_provider
+
+    model = load_model("cast_tiny", None)
+    provider = get_provider("seeds", preset="moco")
+    with pytest.raises(ValueError, match=r"level\(s\) \[5\] outside 1..4"):
+        segment_images(model, [], str(tmp_path), provider, size=SIZE, levels=[5])
+    written = segment_images(model, [NamedImage("rocket", skdata.rocket())], str(tmp_path), provider,
+                             size=SIZE, levels=[2, 4], progress=False)
+    assert written[0].segments_per_level == [8, 2]
+    assert np.load(tmp_path / "labels" / "rocket_levels.npy").shape == (2, SIZE, SIZE)
+    assert len(np.unique(np.asarray(Image.open(tmp_path / "labels" / "rocket_level4.png")))) == 2
+
+
 def test_load_model_from_state_dict_and_mismatch(tmp_path):
     source = load_model("cast_tiny", None)
     path = tmp_path / "tiny.pth"

@@ -74,6 +74,11 @@ def segment_images(
     ``segments.json`` manifest. ``size`` must be divisible by 8."""
     if size % 8:
         raise ValueError(f"segment_images: size {size} must be divisible by 8 (the stem's stride)")
+    num_levels = len(model.config.num_clusters)
+    bad = [level for level in levels or [] if not 1 <= level <= num_levels]
+    if bad:
+        raise ValueError(f"segment_images: level(s) {bad} outside 1..{num_levels} of {type(model).__name__}")
+    chosen = levels or list(range(1, num_levels + 1))
     model.eval().to(device)
     overlay_options = {"min_panel_size": 192, **(overlay_options or {})}
     written: list[SegmentedOutput] = []
@@ -81,20 +86,16 @@ def segment_images(
     for batch in _batches(images, batch_size):
         views = np.stack([centre_view(item.image, size) for item in batch])
         maps = predict_hierarchy(model, views, provider, device)
-        chosen = list(range(1, maps.shape[1] + 1)) if levels is None else levels
-        for wanted in chosen:
-            if not 1 <= wanted <= maps.shape[1]:
-                raise ValueError(f"segment_images: level {wanted} outside 1..{maps.shape[1]}")
         for item, view, item_maps in zip(batch, views, maps):
             selected = item_maps[[level - 1 for level in chosen]]
             overlay = posixpath.join(out_dir, "overlays", f"{item.name}.png")
-            save_overlay(overlay, view, selected, **overlay_options)
-            label_maps = save_label_maps(posixpath.join(out_dir, "labels"), item.name, selected)
+            save_overlay(overlay, view, selected, level_numbers=chosen, **overlay_options)
+            label_maps = save_label_maps(posixpath.join(out_dir, "labels"), item.name, selected, chosen)
             counts = [len(np.unique(level_map)) for level_map in selected]
             written.append(SegmentedOutput(item.name, overlay, label_maps, counts))
         bar.update(len(batch))
     bar.close()
-    manifest = {"size": size, "levels": levels, "images": [vars(entry) for entry in written]}
+    manifest = {"size": size, "levels": chosen, "images": [vars(entry) for entry in written]}
     with fsspec.open(posixpath.join(out_dir, MANIFEST), "w") as handle:
         json.dump(manifest, handle, indent=1)
     return written
