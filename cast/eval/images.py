@@ -41,14 +41,26 @@ def _decode(payload: bytes, source: str) -> np.ndarray:
         raise ValueError(f"{source}: not a readable image ({error})") from error
 
 
+def read_shard_info(source: str) -> tuple[dict, str]:
+    """(``_info.json`` contents, its URL) of a shard set given the file or its folder."""
+    fs, path = fsspec.core.url_to_fs(source)
+    info_path = path if path.endswith(SHARD_INFO) else posixpath.join(path, SHARD_INFO)
+    if not fs.exists(info_path):
+        raise ValueError(f"{source}: no {SHARD_INFO} (expected a shard folder or its {SHARD_INFO})")
+    with fs.open(info_path, "r") as handle:
+        try:
+            return json.load(handle), fs.unstrip_protocol(info_path)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{info_path}: not valid JSON ({error})") from error
+
+
 def _shard_urls(source: str) -> list[str]:
     """Tar URLs of a shard set given its ``_info.json``, its directory, or one ``.tar``."""
     fs, path = fsspec.core.url_to_fs(source)
     if path.endswith(".tar"):
         return [source]
-    info_path = path if path.endswith(SHARD_INFO) else posixpath.join(path, SHARD_INFO)
-    with fs.open(info_path, "r") as handle:
-        info = json.load(handle)
+    info, info_url = read_shard_info(source)
+    info_path = fsspec.core.url_to_fs(info_url)[1]
     base = posixpath.dirname(info_path)
     urls = []
     for shard in info.get("shards", []):

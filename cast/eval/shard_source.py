@@ -1,0 +1,36 @@
+"""Evaluation batches from shards, through the data package's loader (eval recipe, one view, no shuffle)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cast.eval.images import read_shard_info
+from cast.superpixels import SuperpixelProvider
+
+
+@dataclass
+class ShardBatches:
+    """``batches(url)`` and ``class_names(url)`` for ``cast.eval.evaluate``."""
+
+    size: int
+    batch_size: int
+    workers: int
+    provider: SuperpixelProvider
+
+    def class_names(self, url: str) -> list[str]:
+        info, info_url = read_shard_info(url)
+        classes = info.get("classes")
+        if not classes:
+            raise ValueError(f"{info_url}: 'classes' is empty or missing; evaluation needs labelled shards")
+        return list(classes)
+
+    def batches(self, url: str) -> Iterable[dict]:
+        try:
+            from cast.data import DataConfig, build_loader
+        except ImportError as error:
+            raise RuntimeError("evaluation reads shards through cast.data.build_loader, which is not in this "
+                               "checkout yet") from error
+        config = DataConfig(shards=url, recipe="eval", image_size=self.size, batch_size=self.batch_size,
+                            num_workers=self.workers)
+        return build_loader(config, rank=0, world_size=1, epoch=0, provider=self.provider)
