@@ -1,0 +1,38 @@
+"""Typed configuration of the per-rank data loader (composed into job configs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+RECIPES = ("moco", "supervised", "eval", "segmentation")
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # folder/URL with _info.json, or a brace pattern of .tar URLs
+    recipe: str = "moco"  # moco | supervised | eval | segmentation
+    image_size: int = 224
+    batch_size: int = 64  # per rank
+    num_workers: int = 4  # DataLoader worker processes per rank (0 = in the main process)
+    shuffle_buffer: int = 1000  # samples held per reader for the sample shuffle (0/1 = off)
+    shuffle: bool = True  # shuffle shards and samples (False keeps shard order, for eval)
+    seed: int = 0
+    superpixels: str = "seeds_fast"  # provider name for cast.superpixels.get_provider ("" = none)
+    superpixel_params: dict = field(default_factory=dict)
+    prefetch_factor: int = 2
+
+    def validate(self) -> None:
+        """Fail early, naming the field, before any worker or cluster resource starts."""
+        if not self.shards:
+            raise ValueError("data.shards: empty; give a shard folder/URL with _info.json or a brace pattern")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"data.recipe: {self.recipe!r}, expected one of {', '.join(RECIPES)}")
+        for name in ("image_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0")
+
+    @property
+    def num_views(self) -> int:
+        return 2 if self.recipe == "moco" else 1

@@ -1,0 +1,153 @@
+"""Shard listing and streaming: every URL is opened through fsspec (local, file://, s3://, ...).
+
+WebDataset has no ``s3://`` opener of its own, so shards are read here with ``tarfile`` in
+stream mode over an fsspec file object. Samples are grouped by key (the member name up to the
+first dot of its basename), exactly as WebDataset does; damaged input is reported to a
+``Counters`` object and skipped, never raised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "_info.json"
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    num_samples: int
+
+
+@dataclass
+class ShardList:
+    shards: list[Shard]
+    classes: list[str]
+    info: dict
+
+    @property
+    def num_samples(self) -> int:
+        return sum(shard.num_samples for shard in self.shards)
+
+
+class Counters(Counter):
+    """Skip/corruption counts by reason (``corrupt_image``, ``missing_key``, ``truncated_shard``, ...)."""
+
+
+def _expand(pattern: str) -> list[str]:
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+def read_info(url: str) -> tuple[dict, str]:
+    """``_info.json`` of a shard folder (or the file itself); returns it and its URL."""
+    info_url = url if url.endswith(".json") else url.rstrip("/") + "/" + INFO_FILE
+    try:
+        with fsspec.open(info_url, "rb") as handle:
+            return json.loads(handle.read()), info_url
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"{info_url}: no shard info; build shards with `python -m data_tools.make_shards` "
+            "or give a brace pattern such as s3://bucket/train-{000000..000099}.tar"
+        ) from error
+
+
+def list_shards(spec: str) -> ShardList:
+    """Shards of a folder/URL with ``_info.json``, or of a brace pattern (counts from a sibling
+    ``_info.json`` when there is one, else by reading the tar headers)."""
+    if spec.endswith(".tar") or "{" in spec:
+        urls = _expand(spec)
+        folder = posixpath.dirname(urls[0])
+        try:
+            info, _ = read_info(folder)
+            known = {
+                posixpath.basename(entry.get("url") or entry["name"]): entry["num_samples"]
+                for entry in info["shards"]
+            }
+        except FileNotFoundError:
+            info, known = {}, {}
+        shards = [
+            Shard(
+                url,
+                known[posixpath.basename(url)] if posixpath.basename(url) in known else count_samples(url),
+            )
+            for url in urls
+        ]
+        return ShardList(shards, list(info.get("classes") or []), info)
+    info, info_url = read_info(spec)
+    base = posixpath.dirname(info_url) if "://" not in info_url else info_url.rsplit("/", 1)[0]
+    for field in ("shards", "num_samples"):
+        if field not in info:
+            raise ValueError(f"{info_url}: field {field!r} missing")
+    shards = []
+    for entry in info["shards"]:
+        name = entry.get("url") or entry.get("name")
+        if name is None or "num_samples" not in entry:
+            raise ValueError(
+                f"{info_url}: each shard entry needs 'url' (or 'name') and 'num_samples', got {entry}"
+            )
+        url = name if "://" in name or name.startswith("/") else f"{base}/{name}"
+        shards.append(Shard(url, int(entry["num_samples"])))
+    return ShardList(shards, list(info.get("classes") or []), info)
+
+
+def count_samples(url: str) -> int:
+    keys = set()
+    with fsspec.open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+        for member in tar:
+            if member.isfile():
+                keys.add(split_name(member.name)[0])
+    return len(keys)
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``dir/abc.seg.png`` -> (``dir/abc``, ``seg.png``)."""
+    folder, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return (posixpath.join(folder, stem) if folder else stem), ext.lower()
+
+
+def iter_raw_samples(url: str, counters: Counters) -> Iterator[dict]:
+    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard, in tar order.
+
+    A truncated or unreadable tar ends the shard early (counted as ``truncated_shard``); samples
+    read before the damage are kept, the one in progress is dropped.
+    """
+    current: dict | None = None
+    try:
+        with fsspec.open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_name(member.name)
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} short by {member.size - len(data)} bytes")
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[ext] = data
+    except (tarfile.TarError, EOFError, OSError) as error:
+        counters["truncated_shard"] += 1
+        log.warning("shard %s is damaged (%s: %s); skipping the rest of it", url, type(error).__name__, error)
+        return
+    if current is not None:
+        yield current
+
+
+def image_key(sample: dict) -> str | None:
+    return next((key for key in IMAGE_KEYS if key in sample), None)

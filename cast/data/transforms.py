@@ -1,0 +1,169 @@
+"""Recipe transforms, split in two so superpixels see the augmented uint8 view.
+
+Each recipe is an ``augment`` step (decoded PIL image -> list of uint8 HWC views, plus the mask
+for segmentation) and a ``finish`` step (uint8 view -> normalised float tensor). The loader runs
+the superpixel provider between the two, as the original computed SEEDS on the augmented view
+before normalisation (``cast_reference.md`` §5).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torchvision import transforms as T
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255
+
+
+class RandomGaussianBlur:
+    """PIL Gaussian blur with sigma ~ U(0.1, 2.0), as MoCo v3 / BYOL use it."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+def _moco_view(size: int, blur_p: float, solarize_p: float) -> T.Compose:
+    steps = [
+        T.RandomResizedCrop(size, scale=(0.08, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([RandomGaussianBlur()], p=blur_p),
+    ]
+    if solarize_p:
+        steps.append(T.RandomSolarize(threshold=128, p=solarize_p))
+    steps.append(T.RandomHorizontalFlip())
+    return T.Compose(steps)
+
+
+def _to_uint8(image: Image.Image) -> np.ndarray:
+    return np.array(image.convert("RGB"), dtype=np.uint8)
+
+
+class Recipe:
+    """``augment(image, mask) -> (views_uint8, mask)`` then ``finish(view_uint8) -> float tensor``."""
+
+    num_views = 1
+
+    def __init__(self, size: int):
+        self.size = size
+        self.normalise = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def augment(
+        self, image: Image.Image, mask: Image.Image | None = None
+    ) -> tuple[list[np.ndarray], torch.Tensor | None]:
+        raise NotImplementedError
+
+    def finish(self, view: np.ndarray) -> torch.Tensor:
+        return self.normalise(view)
+
+
+class MocoRecipe(Recipe):
+    """Asymmetric views (§5.1): view 1 always blurred; view 2 rarely blurred, sometimes solarised."""
+
+    num_views = 2
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.views = (
+            _moco_view(size, blur_p=1.0, solarize_p=0.0),
+            _moco_view(size, blur_p=0.1, solarize_p=0.2),
+        )
+
+    def augment(self, image, mask=None):
+        return [_to_uint8(view(image)) for view in self.views], None
+
+
+class SupervisedRecipe(Recipe):
+    """DeiT training transform via timm (§5.3): RandAugment rand-m9-mstd0.5-inc1, jitter 0.3, bicubic,
+    random erasing 0.25 (pixel mode). timm's ``separate=True`` hands back the geometric/colour part
+    and the tensor part apart, so random erasing stays after normalisation as in DeiT."""
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        from timm.data import create_transform
+
+        primary, secondary, final = create_transform(
+            size,
+            is_training=True,
+            auto_augment="rand-m9-mstd0.5-inc1",
+            color_jitter=0.3,
+            interpolation="bicubic",
+            re_prob=0.25,
+            re_mode="pixel",
+            re_count=1,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            separate=True,
+        )
+        self.pil_part = T.Compose([*primary.transforms, *secondary.transforms])
+        self.normalise = final
+
+    def augment(self, image, mask=None):
+        return [_to_uint8(self.pil_part(image))], None
+
+    def finish(self, view):
+        return self.normalise(Image.fromarray(view))
+
+
+class EvalRecipe(Recipe):
+    """Resize(size * 256/224, bicubic) + CenterCrop(size)."""
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.resize = T.Compose(
+            [T.Resize(int(size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
+        )
+
+    def augment(self, image, mask=None):
+        return [_to_uint8(self.resize(image))], None
+
+
+class SegmentationRecipe(Recipe):
+    """Image and mask jointly (torchvision v2, mask as ``tv_tensors.Mask``): random rescale 0.5-2 of
+    the crop size, random crop padded with the ignore index, horizontal flip (mmseg-style, §5.4)."""
+
+    def __init__(self, size: int, train: bool = True):
+        super().__init__(size)
+        if train:
+            self.joint = v2.Compose(
+                [
+                    v2.RandomResize(size // 2, size * 2),
+                    v2.RandomCrop(
+                        size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
+                    ),
+                    v2.RandomHorizontalFlip(),
+                ]
+            )
+        else:
+            self.joint = v2.Compose([v2.Resize(size), v2.CenterCrop(size)])
+
+    def augment(self, image, mask=None):
+        if mask is None:
+            raise ValueError("segmentation recipe needs a mask (seg.png) per sample")
+        image_t = tv_tensors.Image(torch.from_numpy(_to_uint8(image)).permute(2, 0, 1))
+        mask_t = tv_tensors.Mask(torch.from_numpy(np.asarray(mask, dtype=np.int64)))
+        image_t, mask_t = self.joint(image_t, mask_t)
+        return [image_t.permute(1, 2, 0).contiguous().numpy()], mask_t.as_subclass(torch.Tensor).long()
+
+
+def build_recipe(name: str, size: int) -> Recipe:
+    factories: dict[str, Callable[[int], Recipe]] = {
+        "moco": MocoRecipe,
+        "supervised": SupervisedRecipe,
+        "eval": EvalRecipe,
+        "segmentation": SegmentationRecipe,
+    }
+    if name not in factories:
+        raise ValueError(f"recipe {name!r}: expected one of {', '.join(factories)}")
+    return factories[name](size)
