@@ -306,6 +306,8 @@ def test_rayjob_entrypoint_and_runtime_env(name):
     assert module == f"jobs.{name}"
     assert re.fullmatch(r"jobs/configs/[a-z0-9_]+\.yaml", config_path)
     assert all(re.fullmatch(r"[a-z_]+(\.[a-z_]+)+=\S+", o) for o in overrides), overrides
+    if (ROOT / "jobs" / f"{name}.py").exists():  # once the job exists, its shipped config must too
+        assert (ROOT / config_path).is_file(), f"{config_path} named by {RAYJOBS[name].name} is missing"
 
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     RuntimeEnv(**runtime_env)
