@@ -14,7 +14,9 @@ Splitting and the remainder rule (why: DDP deadlocks when ranks disagree on the 
 
 Batches follow the contract (``images`` [B,V,3,H,W] float32, ``superpixels`` [B,V,H,W] int64 for
 CPU providers, ``label`` [B], ``mask`` [B,H,W] for segmentation, ``key``) plus ``stats``: the
-skip counters this batch's worker gathered since its previous batch.
+skip counters this batch's worker gathered since its previous batch, and ``skipped``: their
+messages (shard URL, sample key, reason), which the loader logs in the main process and sums
+into ``loader.counters``.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ class ShardStream(IterableDataset):
         random.seed(rng.getrandbits(62))
         np.random.seed(rng.getrandbits(32))
         counters = Counters()
+        self._reported: set[str] = set()
         samples = self._raw_samples(shards, rng, counters)
         for _ in range(skipped * self.cfg.batch_size):  # resume: skip raw bytes, no decode
             next(samples)
@@ -132,6 +135,7 @@ class ShardStream(IterableDataset):
                     batch.append(decoded)
             out = self._collate(batch)
             out["stats"] = dict(counters)
+            out["skipped"] = list(counters.messages)
             counters.clear()
             yield out
 
@@ -142,9 +146,11 @@ class ShardStream(IterableDataset):
         while True:
             produced = 0
             buffer: list[dict] = []
+            first = round_index == 0  # damage is counted and logged on the first pass only
+            tally = counters if first else Counters()
             for shard in shards:
-                for sample in iter_raw_samples(shard.url, counters):
-                    if not self._complete(sample, counters):
+                for sample in iter_raw_samples(shard.url, tally, report=first):
+                    if not self._complete(sample, tally, report=first):
                         continue
                     produced += 1
                     if buffer_size > 1:
@@ -166,7 +172,7 @@ class ShardStream(IterableDataset):
             if round_index == 1:
                 log.info("rank %d: reader ran short of samples, wrapping around its shards", self.rank)
 
-    def _complete(self, sample: dict, counters: Counters) -> bool:
+    def _complete(self, sample: dict, counters: Counters, report: bool = True) -> bool:
         missing = []
         if image_key(sample) is None:
             missing.append("image")
@@ -175,10 +181,8 @@ class ShardStream(IterableDataset):
         if self.cfg.recipe == "segmentation" and "seg.png" not in sample:
             missing.append("seg.png")
         if missing:
-            counters["missing_key"] += 1
-            log.warning(
-                "%s: sample %s lacks %s; skipped", sample["__url__"], sample["__key__"], ", ".join(missing)
-            )
+            message = f"{sample['__url__']}: sample {sample['__key__']} lacks {', '.join(missing)}; skipped"
+            counters.record("missing_key", message if report else None)
             return False
         return True
 
@@ -192,13 +196,13 @@ class ShardStream(IterableDataset):
                 mask.load()
             label = int(sample["cls"]) if "cls" in sample else -1
         except Exception as error:  # noqa: BLE001 - any undecodable sample is skipped and counted
-            counters["corrupt_image"] += 1
-            log.warning(
-                "%s: sample %s undecodable (%s: %s); skipped",
-                sample["__url__"],
-                sample["__key__"],
-                type(error).__name__,
-                error,
+            if sample["__key__"] in self._reported:  # seen on an earlier pass of a wrapped-around reader
+                return None
+            self._reported.add(sample["__key__"])
+            counters.record(
+                "corrupt_image",
+                f"{sample['__url__']}: sample {sample['__key__']} undecodable "
+                f"({type(error).__name__}: {error}); skipped",
             )
             return None
         views, mask_t = self.recipe.augment(image, mask)
@@ -245,6 +249,8 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict]:
         for batch in self.loader:
             self.counters.update(batch["stats"])
+            for message in batch["skipped"]:
+                log.warning(message)
             yield batch
 
 

@@ -9,7 +9,6 @@ first dot of its basename), exactly as WebDataset does; damaged input is reporte
 from __future__ import annotations
 
 import json
-import logging
 import posixpath
 import tarfile
 from collections import Counter
@@ -17,8 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import fsspec
-
-log = logging.getLogger(__name__)
 
 INFO_FILE = "_info.json"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
@@ -42,7 +39,22 @@ class ShardList:
 
 
 class Counters(Counter):
-    """Skip/corruption counts by reason (``corrupt_image``, ``missing_key``, ``truncated_shard``, ...)."""
+    """Skip/corruption counts by reason (``corrupt_image``, ``missing_key``, ``truncated_shard``) plus
+    the messages naming the shard and sample, kept so DataLoader workers can hand them to the main
+    process, which logs them (a worker's own log records never reach the training loop's handlers)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.messages: list[str] = []
+
+    def record(self, reason: str, message: str | None = None) -> None:
+        self[reason] += 1
+        if message:
+            self.messages.append(message)
+
+    def clear(self) -> None:
+        super().clear()
+        self.messages = []
 
 
 def _expand(pattern: str) -> list[str]:
@@ -119,7 +131,7 @@ def split_name(name: str) -> tuple[str, str]:
     return (posixpath.join(folder, stem) if folder else stem), ext.lower()
 
 
-def iter_raw_samples(url: str, counters: Counters) -> Iterator[dict]:
+def iter_raw_samples(url: str, counters: Counters, report: bool = True) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard, in tar order.
 
     A truncated or unreadable tar ends the shard early (counted as ``truncated_shard``); samples
@@ -142,8 +154,8 @@ def iter_raw_samples(url: str, counters: Counters) -> Iterator[dict]:
                     current = {"__key__": key, "__url__": url}
                 current[ext] = data
     except (tarfile.TarError, EOFError, OSError) as error:
-        counters["truncated_shard"] += 1
-        log.warning("shard %s is damaged (%s: %s); skipping the rest of it", url, type(error).__name__, error)
+        message = f"{url}: damaged tar ({type(error).__name__}: {error}); rest of the shard skipped"
+        counters.record("truncated_shard", message if report else None)
         return
     if current is not None:
         yield current

@@ -1,0 +1,182 @@
+"""The per-rank streaming loader: exactly-once splitting, equal batch counts, reshuffle, resume,
+corrupt-input handling, S3 streaming, superpixels and segmentation batches."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cast.data import DataConfig, build_loader
+from data_tools.make_shards import build_shards
+from tests.fixtures.datasets import make_imagefolder, make_voc
+
+
+def _config(shards: str, **overrides) -> DataConfig:
+    values = dict(
+        shards=shards,
+        recipe="eval",
+        image_size=32,
+        batch_size=5,
+        num_workers=2,
+        shuffle_buffer=16,
+        seed=11,
+        superpixels="",
+    )
+    values.update(overrides)
+    return DataConfig(**values)
+
+
+def _epoch(cfg: DataConfig, world_size: int, epoch: int, **kwargs) -> list[list[dict]]:
+    return [
+        list(build_loader(cfg, rank=rank, world_size=world_size, epoch=epoch, **kwargs))
+        for rank in range(world_size)
+    ]
+
+
+def _keys(batches: list[dict]) -> list[str]:
+    return [key for batch in batches for key in batch["key"]]
+
+
+@pytest.fixture(scope="module")
+def local_shards(tmp_path_factory) -> str:
+    """80 samples, 4 classes, 8 shards of 10."""
+    root = tmp_path_factory.mktemp("stream")
+    make_imagefolder(root / "src", num_classes=4, per_class=20, size=32)
+    build_shards(str(root / "src"), str(root / "shards"), "imagefolder", max_count=10, seed=5, progress=False)
+    return str(root / "shards")
+
+
+def test_exactly_once_over_s3_across_two_ranks_and_two_workers(tmp_path, s3_env):
+    make_imagefolder(tmp_path / "src", num_classes=4, per_class=20, size=32)
+    dest = f"s3://{s3_env}/train"
+    build_shards(str(tmp_path / "src"), dest, "imagefolder", max_count=10, seed=5, progress=False)
+    cfg = _config(dest)
+    loaders = [build_loader(cfg, rank=r, world_size=2, epoch=0) for r in range(2)]
+    assert [len(loader) for loader in loaders] == [8, 8]  # floor(80 / (2 * 5))
+    ranks = [list(loader) for loader in loaders]
+    assert [len(batches) for batches in ranks] == [8, 8]
+    keys = _keys(ranks[0]) + _keys(ranks[1])
+    assert len(keys) == 80 and len(set(keys)) == 80  # every sample exactly once
+    assert not set(_keys(ranks[0])) & set(_keys(ranks[1]))
+    batch = ranks[0][0]
+    assert batch["images"].shape == (5, 1, 3, 32, 32) and batch["images"].dtype == torch.float32
+    assert batch["label"].dtype == torch.int64
+    for key, label in zip(batch["key"], batch["label"].tolist()):
+        assert key.startswith(f"class_{label}/")  # labels travel with their image
+    assert loaders[0].counters == {}
+
+
+def test_remainder_rule_with_uneven_shards(tmp_path):
+    make_imagefolder(tmp_path / "src", num_classes=3, per_class=29, size=32)  # 87 samples: 8 x 10 + 7
+    build_shards(str(tmp_path / "src"), str(tmp_path / "s"), "imagefolder", max_count=10, progress=False)
+    cfg = _config(str(tmp_path / "s"), batch_size=4)
+    ranks = _epoch(cfg, 2, 0)
+    assert [len(batches) for batches in ranks] == [10, 10]  # floor(87 / (2 * 4)) on every rank
+    keys = _keys(ranks[0]) + _keys(ranks[1])
+    assert len(keys) == 80 and len(set(keys)) == 80  # 7 left over this epoch, none repeated
+    dropped = {k for k in _all_keys(tmp_path / "src")} - set(keys)
+    dropped_next = set(_all_keys(tmp_path / "src")) - set(_keys(sum(_epoch(cfg, 2, 1), [])))
+    assert len(dropped) == len(dropped_next) == 7
+
+
+def _all_keys(root: Path) -> list[str]:
+    return [f"{p.parent.name}/{p.stem}" for p in root.rglob("*.jpg")]
+
+
+def test_order_changes_per_epoch_and_repeats_for_same_seed(local_shards):
+    cfg = _config(local_shards, num_workers=0)
+    first = _keys(_epoch(cfg, 1, 0)[0])
+    assert first == _keys(_epoch(cfg, 1, 0)[0])
+    second = _keys(_epoch(cfg, 1, 1)[0])
+    assert second != first and sorted(second) == sorted(first)
+    other_seed = _keys(_epoch(_config(local_shards, num_workers=0, seed=12), 1, 0)[0])
+    assert other_seed != first
+
+
+def test_resume_mid_epoch_skips_exactly_the_consumed_batches(local_shards):
+    cfg = _config(local_shards, batch_size=4)
+    full = _epoch(cfg, 2, 3)[1]
+    resumed = list(build_loader(cfg, rank=1, world_size=2, epoch=3, start_batch=3))
+    assert len(full) == 10 and len(resumed) == 7
+    assert [b["key"] for b in resumed] == [b["key"] for b in full[3:]]
+
+
+def test_too_few_shards_is_a_clear_error(tmp_path):
+    make_imagefolder(tmp_path / "src", num_classes=3, per_class=4, size=32)
+    build_shards(str(tmp_path / "src"), str(tmp_path / "s"), "imagefolder", max_count=4, progress=False)
+    with pytest.raises(ValueError, match=r"3 shards cannot feed 4 readers"):
+        build_loader(_config(str(tmp_path / "s"), batch_size=1), rank=0, world_size=2, epoch=0)
+    with pytest.raises(ValueError, match="data.recipe"):
+        build_loader(_config(str(tmp_path / "s"), recipe="simclr"), rank=0, world_size=1, epoch=0)
+
+
+def _rewrite(shard: Path, edit) -> None:
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    members = edit(members)
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+
+def test_corrupt_image_missing_key_and_truncated_tar_are_skipped_and_counted(tmp_path, caplog):
+    make_imagefolder(tmp_path / "src", num_classes=4, per_class=10, size=32)
+    shards = tmp_path / "s"
+    build_shards(str(tmp_path / "src"), str(shards), "imagefolder", max_count=10, progress=False)
+    # shard 0: one JPEG replaced by garbage; shard 1: one sample loses its image; shard 2: cut mid-way
+    _rewrite(
+        shards / "train-000000.tar",
+        lambda ms: [(m, b"not a jpeg" if m.name == ms[0][0].name else d) for m, d in ms],
+    )
+    _rewrite(shards / "train-000001.tar", lambda ms: [(m, d) for m, d in ms if m.name != ms[0][0].name])
+    data = (shards / "train-000002.tar").read_bytes()
+    (shards / "train-000002.tar").write_bytes(data[: len(data) // 2])
+    cfg = _config(str(shards), batch_size=4, num_workers=2)
+    loader = build_loader(cfg, rank=0, world_size=1, epoch=0)
+    with caplog.at_level("WARNING"):
+        batches = list(loader)
+    assert len(batches) == len(loader) == 10  # the epoch goes on at full length
+    assert loader.counters["corrupt_image"] == 1
+    assert loader.counters["missing_key"] == 1
+    assert loader.counters["truncated_shard"] == 1
+    assert sum(sum(b["stats"].values()) for b in batches) == 3
+    assert "train-000002.tar" in caplog.text and "train-000000.tar" in caplog.text
+
+
+def test_moco_batches_with_seeds_fast_superpixels(local_shards):
+    from cast.superpixels import get_provider
+
+    cfg = _config(
+        local_shards, recipe="moco", batch_size=4, num_workers=1, superpixels="seeds_fast", image_size=64
+    )
+    loader = build_loader(cfg, rank=0, world_size=1, epoch=0)
+    batch = next(iter(loader))
+    assert batch["images"].shape == (4, 2, 3, 64, 64)
+    labels = batch["superpixels"]
+    assert labels.shape == (4, 2, 64, 64) and labels.dtype == torch.int64
+    for view in labels.reshape(8, 64, 64):
+        assert torch.equal(torch.unique(view), torch.arange(int(view.max()) + 1))  # 0..K-1, no gaps
+    on_device = get_provider("slic_torch")
+    batch = next(iter(build_loader(cfg, rank=0, world_size=1, epoch=0, provider=on_device)))
+    assert "superpixels" not in batch  # the train step computes them on the device
+
+
+def test_segmentation_batches_from_voc(tmp_path):
+    make_voc(tmp_path / "voc", count=8, size=48)
+    build_shards(str(tmp_path / "voc"), str(tmp_path / "s"), "voc", max_count=2, progress=False)
+    cfg = _config(str(tmp_path / "s"), recipe="segmentation", batch_size=2)
+    batches = list(build_loader(cfg, rank=0, world_size=2, epoch=0))
+    assert len(batches) == 2
+    mask = batches[0]["mask"]
+    assert mask.shape == (2, 32, 32) and mask.dtype == torch.int64
+    values = set(np.unique(mask.numpy()).tolist())
+    assert values <= set(range(21)) | {255} and values - {255}
+    assert batches[0]["label"].tolist() == [-1, -1]
+    assert Counter(k for b in batches for k in b["key"]).most_common(1)[0][1] == 1
