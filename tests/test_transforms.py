@@ -1,0 +1,108 @@
+"""Recipe transforms: output contract per recipe, MoCo view asymmetry, joint image/mask geometry."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from cast.data.transforms import (
+    IGNORE_INDEX,
+    MocoRecipe,
+    RandomGaussianBlur,
+    build_recipe,
+)
+
+
+@pytest.fixture()
+def photo() -> Image.Image:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:80, 0:100]
+    image = np.stack([xx * 2, yy * 3, (xx + yy)], -1) % 256 + rng.integers(0, 20, (80, 100, 1))
+    return Image.fromarray(image.clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("name", ["moco", "supervised", "eval"])
+def test_views_and_tensors_follow_the_contract(name, photo):
+    recipe = build_recipe(name, 48)
+    views, mask = recipe.augment(photo)
+    assert mask is None and len(views) == recipe.num_views == (2 if name == "moco" else 1)
+    for view in views:
+        assert view.shape == (48, 48, 3) and view.dtype == np.uint8
+        tensor = recipe.finish(view)
+        assert tensor.shape == (3, 48, 48) and tensor.dtype == torch.float32
+        assert -2.2 < tensor.min() and tensor.max() < 2.7  # ImageNet-normalised [0, 1] input
+        assert tensor.std() > 0.1
+
+
+def test_eval_is_deterministic_resize_then_centre_crop(photo):
+    recipe = build_recipe("eval", 56)
+    first, second = recipe.augment(photo)[0][0], recipe.augment(photo)[0][0]
+    assert np.array_equal(first, second)
+    resized = photo.resize((int(100 * 64 / 80), 64), Image.BICUBIC)  # short side 56 * 256 / 224 = 64
+    left = (resized.width - 56) // 2
+    expected = np.asarray(resized)[4:60, left : left + 56]
+    assert np.abs(first.astype(int) - expected.astype(int)).mean() < 2
+
+
+def test_moco_views_are_asymmetric_as_in_the_reference():
+    recipe = MocoRecipe(32)
+    view1, view2 = (list(view.transforms) for view in recipe.views)
+    blur1 = [
+        t for t in view1 if isinstance(t, T.RandomApply) and isinstance(t.transforms[0], RandomGaussianBlur)
+    ]
+    blur2 = [
+        t for t in view2 if isinstance(t, T.RandomApply) and isinstance(t.transforms[0], RandomGaussianBlur)
+    ]
+    assert [b.p for b in blur1] == [1.0] and [b.p for b in blur2] == [0.1]
+    assert not [t for t in view1 if isinstance(t, T.RandomSolarize)]
+    assert [(t.p, t.threshold) for t in view2 if isinstance(t, T.RandomSolarize)] == [(0.2, 128)]
+    crop = view1[0]
+    assert isinstance(crop, T.RandomResizedCrop) and crop.scale == (0.08, 1.0)
+    jitter = view1[1]
+    assert jitter.p == 0.8 and jitter.transforms[0].brightness == (0.6, 1.4)
+
+
+def test_moco_view_one_is_blurred_more_than_view_two():
+    """Measured, not just configured: view 1 (blur p=1) keeps less high-frequency energy than view 2."""
+    noise = np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8)
+    image = Image.fromarray(np.stack([noise] * 3, -1)).resize((256, 256), Image.NEAREST)
+    recipe = MocoRecipe(64)
+    random.seed(0)
+    torch.manual_seed(0)
+    energy = {0: [], 1: []}
+    for _ in range(40):
+        views, _ = recipe.augment(image)
+        for index, view in enumerate(views):
+            energy[index].append(np.abs(np.diff(view.astype(float).mean(-1), axis=1)).mean())
+    assert np.median(energy[0]) < 0.8 * np.median(energy[1])
+
+
+def test_segmentation_transforms_image_and_mask_jointly():
+    # mask = which quadrant a pixel is in; image colour encodes the same quadrant
+    size = 64
+    quadrant = (np.arange(size)[:, None] >= size // 2) * 2 + (np.arange(size)[None, :] >= size // 2)
+    palette = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], dtype=np.uint8)
+    image = Image.fromarray(palette[quadrant])
+    mask = Image.fromarray(quadrant.astype(np.uint8))
+    recipe = build_recipe("segmentation", 48)
+    torch.manual_seed(3)
+    for _ in range(10):
+        (view,), mask_t = recipe.augment(image, mask)
+        assert view.shape == (48, 48, 3) and view.dtype == np.uint8
+        assert mask_t.shape == (48, 48) and mask_t.dtype == torch.int64
+        valid = mask_t != IGNORE_INDEX
+        assert set(torch.unique(mask_t).tolist()) <= {0, 1, 2, 3, IGNORE_INDEX}
+        colour_class = (
+            np.abs(view[:, :, None, :].astype(int) - palette[None, None].astype(int)).sum(-1).argmin(-1)
+        )
+        agree = (torch.from_numpy(colour_class) == mask_t)[valid].float().mean()
+        assert agree > 0.95  # same crop, scale and flip on both
+        if (~valid).any():
+            assert view[~valid.numpy()].max() == 0  # padding: black image, ignore mask
+    with pytest.raises(ValueError, match="needs a mask"):
+        recipe.augment(image)
