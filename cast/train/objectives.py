@@ -1,0 +1,136 @@
+"""Training objectives of the reference recipes: MoCo-v3, supervised DeiT-style CE, linear probe.
+
+Models stay free of distributed code; the only collective here is the key all-gather of MoCo,
+which is a no-op in a single process.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+
+from cast.train.config import MocoConfig, SupervisedConfig
+
+
+def build_mlp(num_layers: int, in_dim: int, mlp_dim: int, out_dim: int, last_bn: bool) -> nn.Sequential:
+    """MoCo-v3 MLP: bias-free Linears, BN+ReLU between them, optionally a non-affine BN at the end."""
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        d_in = in_dim if i == 0 else mlp_dim
+        d_out = out_dim if i == num_layers - 1 else mlp_dim
+        layers.append(nn.Linear(d_in, d_out, bias=False))
+        if i < num_layers - 1:
+            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+def gather_keys(keys: torch.Tensor) -> torch.Tensor:
+    """All keys of all workers, in rank order; keys carry no gradient, so a plain all_gather is exact."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return keys
+    parts = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, keys.contiguous())
+    return torch.cat(parts)
+
+
+def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE of local queries against the keys of all workers, scaled by 2*tau as in MoCo-v3."""
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(k.float(), dim=1)
+    all_keys = gather_keys(k)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    logits = q @ all_keys.t() / temperature
+    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+def moco_momentum(epoch: float, epochs: int, cfg: MocoConfig) -> float:
+    """Key-encoder momentum at fractional ``epoch``: constant, or cosine from ``cfg.momentum`` to 1."""
+    if not cfg.momentum_cosine:
+        return cfg.momentum
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1.0 - cfg.momentum)
+
+
+class MoCo(nn.Module):
+    """Base encoder + projector, predictor, and a momentum copy updated by EMA (no gradient)."""
+
+    def __init__(self, encoder: nn.Module, cfg: MocoConfig):
+        super().__init__()
+        encoder.head = build_mlp(3, encoder.embed_dim, cfg.mlp_dim, cfg.dim, last_bn=True)
+        self.base_encoder = encoder
+        self.momentum_encoder = copy.deepcopy(encoder)
+        for param in self.momentum_encoder.parameters():
+            param.requires_grad_(False)
+        self.predictor = build_mlp(2, cfg.dim, cfg.mlp_dim, cfg.dim, last_bn=False)
+        self.temperature = cfg.temperature
+
+    @torch.no_grad()
+    def update_momentum_encoder(self, m: float) -> None:
+        for base, key in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters(), strict=True):
+            key.mul_(m).add_(base.detach(), alpha=1.0 - m)
+
+    def forward(self, images: torch.Tensor, superpixels: torch.Tensor, m: float) -> torch.Tensor:
+        """``images`` [B,2,3,H,W], ``superpixels`` [B,2,H,W] -> symmetric contrastive loss."""
+        x1, x2 = images[:, 0], images[:, 1]
+        s1, s2 = superpixels[:, 0], superpixels[:, 1]
+        q1 = self.predictor(self.base_encoder(x1, s1))
+        q2 = self.predictor(self.base_encoder(x2, s2))
+        with torch.no_grad():
+            self.update_momentum_encoder(m)
+            k1 = self.momentum_encoder(x1, s1)
+            k2 = self.momentum_encoder(x2, s2)
+        return contrastive_loss(q1, k2, self.temperature) + contrastive_loss(q2, k1, self.temperature)
+
+
+class SupervisedObjective:
+    """DeiT loss: Mixup/CutMix on the batch (superpixels stay as computed, like the reference) + soft CE."""
+
+    def __init__(self, cfg: SupervisedConfig):
+        self.mixup = None
+        if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
+            self.mixup = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mix_prob,
+                               switch_prob=cfg.switch_prob, label_smoothing=cfg.label_smoothing,
+                               num_classes=cfg.num_classes)
+            self.criterion = SoftTargetCrossEntropy()
+        else:
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, superpixels: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (loss, logits); ``images`` [B,3,H,W]."""
+        targets = labels
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+        logits = model(images, superpixels)
+        return self.criterion(logits.float(), targets), logits
+
+
+def prepare_linear_probe(model: nn.Module, backbone_state: dict[str, torch.Tensor]) -> nn.Module:
+    """Load a MoCo base encoder (minus its projector) into ``model``, freeze all but a fresh head."""
+    prefix = "base_encoder."
+    weights = {k[len(prefix):]: v for k, v in backbone_state.items()
+               if k.startswith(prefix) and not k.startswith(prefix + "head.")}
+    if not weights:
+        raise ValueError("linear.pretrained: the checkpoint holds no 'base_encoder.*' weights (not a MoCo run?)")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if set(missing) != {"head.weight", "head.bias"} or unexpected:
+        raise ValueError(f"linear.pretrained: backbone does not match the model: missing {missing}, "
+                         f"unexpected {unexpected}")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("head."))
+    nn.init.normal_(model.head.weight, std=0.01)
+    nn.init.zeros_(model.head.bias)
+    return model
+
+
+def top1_correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    return int((logits.argmax(dim=1) == labels).sum())

@@ -1,0 +1,8 @@
+"""`python -m jobs.linear_probe --config jobs/configs/<name>.yaml key.sub=value ...` (objective: linear)."""
+
+import sys
+
+from cast.train.cli import run_training_job
+
+if __name__ == "__main__":
+    sys.exit(run_training_job(sys.argv[1:], "linear"))

@@ -1,0 +1,8 @@
+"""`python -m jobs.train --config jobs/configs/<name>.yaml key.sub=value ...` (objective: supervised)."""
+
+import sys
+
+from cast.train.cli import run_training_job
+
+if __name__ == "__main__":
+    sys.exit(run_training_job(sys.argv[1:], "supervised"))
