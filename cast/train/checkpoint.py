@@ -24,6 +24,7 @@ import torch
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
+COMPLETE_MARKER = "_COMPLETE"   # written after the upload: a folder without it is an interrupted upload
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,11 @@ def latest_checkpoint(location: str) -> str:
         return location.rstrip("/")
     names = sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)
                    if os.path.basename(p.rstrip("/")).startswith("checkpoint_"))
-    if not names:
-        raise FileNotFoundError(f"checkpoint.resume_from: no {STATE_FILE} and no checkpoint_* folder in {location}")
-    return location.rstrip("/") + "/" + names[-1]
+    complete = [n for n in names if fs.exists(f"{path}/{n}/{COMPLETE_MARKER}")]
+    if not complete:
+        raise FileNotFoundError(f"no complete checkpoint in {location} "
+                                f"(no {STATE_FILE}, no checkpoint_* folder with {COMPLETE_MARKER})")
+    return location.rstrip("/") + "/" + complete[-1]
 
 
 def checkpoint_name(position: Position) -> str:
@@ -124,7 +127,10 @@ def retrying_upload(attempts: int, backoff_s: float, persist: Callable | None = 
             do_persist = ray.train.get_context().get_storage().persist_current_checkpoint
         for attempt in range(1, attempts + 1):
             try:
-                return do_persist(checkpoint, dir_name)
+                persisted = do_persist(checkpoint, dir_name)
+                with persisted.filesystem.open_output_stream(f"{persisted.path}/{COMPLETE_MARKER}") as f:
+                    f.write(b"ok\n")
+                return persisted
             except OSError as e:   # pyarrow / fsspec / botocore connection errors all derive from OSError
                 if attempt == attempts:
                     raise

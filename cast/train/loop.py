@@ -119,6 +119,8 @@ class Trainer:
             batches = batches * saved.world_size // self.world_size
         self.position = Position(step=saved.step, epoch=saved.epoch, batches_done=batches,
                                  world_size=self.world_size)
+        if self.rank == 0:
+            print(f"[cast-train] resumed at step {saved.step} (epoch {saved.epoch}, batch {batches})", flush=True)
         if len(state["rng"]) == self.world_size:
             set_rng_state(state["rng"][self.rank])
         else:
