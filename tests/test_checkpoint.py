@@ -1,0 +1,126 @@
+"""Checkpoint IO: exact save/restore (weights, optimizer, RNG, data position), interrupted saves, retried uploads."""
+
+import os
+import random
+import tempfile
+
+import numpy as np
+import pyarrow.fs
+import pytest
+import torch
+from ray.train import Checkpoint
+from torch import nn
+
+from cast.train import checkpoint as ckpt
+from cast.train.checkpoint import (
+    COMPLETE_MARKER,
+    Position,
+    checkpoint_name,
+    latest_checkpoint,
+    new_checkpoint_folder,
+    read_state,
+    retrying_upload,
+    rng_state,
+    set_rng_state,
+)
+
+
+def _model_and_optimizer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _state(position: Position):
+    model, optimizer = _model_and_optimizer()
+    return model, optimizer, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "position": vars(position), "rng": [rng_state()]}
+
+
+def _persist_into(storage):
+    """Ray's own upload step, into a local 'bucket' folder (what persist_current_checkpoint does)."""
+    def persist(checkpoint, name):
+        dest = os.path.join(storage, name)
+        os.makedirs(dest, exist_ok=True)
+        pyarrow.fs.copy_files(checkpoint.path, dest)
+        return Checkpoint(path=dest, filesystem=pyarrow.fs.LocalFileSystem())
+    return persist
+
+
+def test_save_restore_is_exact(tmp_path):
+    position = Position(step=37, epoch=2, batches_done=5, world_size=2)
+    model, optimizer, state = _state(position)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    state["rng"] = [rng_state()]
+    draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    folder = new_checkpoint_folder(state, "objective: moco\n")
+    restored = read_state(folder)   # torch.load(weights_only=True) inside
+    fresh = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    fresh.load_state_dict(restored["model"])
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    fresh_opt.load_state_dict(restored["optimizer"])
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], fresh_opt.state_dict()["state"][0]["exp_avg"])
+    assert Position(**restored["position"]) == position
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    set_rng_state(restored["rng"][0])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
+    assert open(os.path.join(folder, ckpt.CONFIG_FILE)).read() == "objective: moco\n"
+
+
+def test_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    storage = str(tmp_path / "run")
+    upload = retrying_upload(1, 0.0, persist=_persist_into(storage))
+    good_position = Position(step=10, epoch=1)
+    _, _, state = _state(good_position)
+    upload(Checkpoint.from_directory(new_checkpoint_folder(state, "")), checkpoint_name(good_position))
+    good = latest_checkpoint(storage)
+
+    def crash_midway(obj, path):   # a worker dying while writing: half a file, then the error
+        with open(path, "wb") as f:
+            f.write(b"\x80partial")
+        raise OSError("disk full")
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(ckpt.torch, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        new_checkpoint_folder(state, "")
+    monkeypatch.undo()
+    assert os.listdir(scratch) == []   # the half-written folder is gone and was never reported
+    # an upload that dies part-way (the folder exists without its marker) is not picked either
+    os.makedirs(os.path.join(storage, checkpoint_name(Position(step=20, epoch=1))))
+    assert latest_checkpoint(storage) == good
+    assert Position(**read_state(good)["position"]) == good_position
+
+
+def test_transient_upload_errors_are_retried(tmp_path):
+    storage = str(tmp_path / "run")
+    real = _persist_into(storage)
+    failures = [OSError("503 Slow Down"), OSError("connection reset")]
+
+    def flaky(checkpoint, name):
+        if failures:
+            raise failures.pop(0)
+        return real(checkpoint, name)
+
+    delays = []
+    _, _, state = _state(Position(step=3))
+    persisted = retrying_upload(4, 0.5, persist=flaky, sleep=delays.append)(
+        Checkpoint.from_directory(new_checkpoint_folder(state, "")), "checkpoint_a")
+    assert delays == [0.5, 1.0]
+    assert os.path.exists(os.path.join(persisted.path, COMPLETE_MARKER))
+    assert latest_checkpoint(storage).endswith("checkpoint_a")
+    always = retrying_upload(2, 0.0, persist=lambda c, n: (_ for _ in ()).throw(OSError("down")), sleep=delays.append)
+    with pytest.raises(OSError, match="down"):
+        always(Checkpoint.from_directory(new_checkpoint_folder(state, "")), "checkpoint_b")
+    assert latest_checkpoint(storage).endswith("checkpoint_a")

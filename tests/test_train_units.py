@@ -1,0 +1,127 @@
+"""Objectives, schedules and optimizer groups of cast.train, on real modules, in one process."""
+
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cast.models  # noqa: F401
+from cast.train.config import MocoConfig, OptimConfig, ScheduleConfig, SupervisedConfig
+from cast.train.objectives import (
+    MoCo,
+    SupervisedObjective,
+    build_mlp,
+    contrastive_loss,
+    moco_momentum,
+    prepare_linear_probe,
+)
+from cast.train.optim import build_optimizer, lr_at, param_groups, scaled_lr
+
+
+def test_contrastive_loss_matches_definition():
+    torch.manual_seed(0)
+    q, k = torch.randn(6, 8), torch.randn(6, 8)
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = qn @ kn.t() / 0.2
+    expected = -torch.log_softmax(logits, dim=1).diagonal().mean() * 0.4
+    assert contrastive_loss(q, k, 0.2).item() == pytest.approx(expected.item(), rel=1e-5)
+    # perfectly aligned, well-separated keys give a lower loss than random ones
+    assert contrastive_loss(k * 10, k, 0.2) < contrastive_loss(q, k, 0.2)
+
+
+def test_momentum_schedule():
+    cfg = MocoConfig(momentum=0.99, momentum_cosine=True)
+    assert moco_momentum(0, 100, cfg) == pytest.approx(0.99)
+    assert moco_momentum(50, 100, cfg) == pytest.approx(0.995)
+    assert moco_momentum(100, 100, cfg) == pytest.approx(1.0)
+    assert moco_momentum(50, 100, MocoConfig(momentum_cosine=False)) == 0.99
+
+
+def test_lr_schedule_warmup_then_half_cosine():
+    sched = ScheduleConfig(epochs=10, warmup_epochs=2, warmup_start_lr=0.0, min_lr=0.0)
+    peak = scaled_lr(OptimConfig(base_lr=1.5e-4, base_batch=256), 512)
+    assert peak == pytest.approx(3e-4)
+    assert lr_at(0, 100, 20, peak, sched) == 0.0
+    assert lr_at(10, 100, 20, peak, sched) == pytest.approx(peak / 2)
+    assert lr_at(20, 100, 20, peak, sched) == pytest.approx(peak)
+    assert lr_at(60, 100, 20, peak, sched) == pytest.approx(peak / 2)
+    assert lr_at(100, 100, 20, peak, sched) == pytest.approx(0.0, abs=1e-12)
+    deit = ScheduleConfig(warmup_start_lr=1e-6, min_lr=1e-5)
+    assert lr_at(0, 100, 10, 1e-3, deit) == pytest.approx(1e-6)
+    assert lr_at(100, 100, 10, 1e-3, deit) == pytest.approx(1e-5)
+
+
+def test_mlp_layout_of_the_reference():
+    proj = build_mlp(3, 192, 4096, 256, last_bn=True)
+    kinds = [type(m).__name__ for m in proj]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert all(m.bias is None for m in proj if isinstance(m, nn.Linear))
+    assert proj[-1].affine is False
+    pred = build_mlp(2, 256, 4096, 256, last_bn=False)
+    assert [type(m).__name__ for m in pred] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+
+
+def _tiny_batch(b=4, views=2, size=32):
+    torch.manual_seed(0)
+    images = torch.randn(b, views, 3, size, size)
+    cells = torch.arange(16).view(4, 4).repeat_interleave(size // 4, 0).repeat_interleave(size // 4, 1)
+    return images, cells.expand(b, views, size, size).contiguous()
+
+
+def test_moco_step_updates_base_and_momentum_encoders():
+    encoder = timm.create_model("cast_tiny", num_classes=0, img_size=32)
+    moco = MoCo(encoder, MocoConfig(dim=16, mlp_dim=32))
+    key_before = [p.clone() for p in moco.momentum_encoder.parameters()]
+    assert not any(p.requires_grad for p in moco.momentum_encoder.parameters())
+    images, superpixels = _tiny_batch()
+    loss = moco(images, superpixels, m=0.9)
+    loss.backward()
+    assert loss.item() > 0 and math.isfinite(loss.item())
+    assert moco.base_encoder.head[0].weight.grad is not None
+    assert all(p.grad is None for p in moco.momentum_encoder.parameters())
+    torch.optim.SGD([p for p in moco.parameters() if p.requires_grad], lr=1.0).step()
+    moco(images, superpixels, m=0.5)
+    changed = [not torch.equal(a, b) for a, b in zip(key_before, moco.momentum_encoder.parameters(), strict=True)]
+    assert any(changed)
+
+
+def test_supervised_objective_mixes_and_smooths():
+    model = timm.create_model("cast_tiny", num_classes=3, img_size=32)
+    images, superpixels = _tiny_batch(views=1)
+    labels = torch.tensor([0, 1, 2, 0])
+    objective = SupervisedObjective(SupervisedConfig(num_classes=3, mixup_alpha=0.8, cutmix_alpha=1.0))
+    loss, logits = objective(model, images[:, 0].clone(), superpixels[:, 0], labels)
+    assert logits.shape == (4, 3) and loss.item() > 0
+    plain = SupervisedObjective(SupervisedConfig(num_classes=3, mixup_alpha=0, cutmix_alpha=0, label_smoothing=0))
+    loss, logits = plain(model, images[:, 0], superpixels[:, 0], labels)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_linear_probe_freezes_backbone_and_inits_head():
+    moco = MoCo(timm.create_model("cast_tiny", num_classes=0, img_size=32), MocoConfig(dim=16, mlp_dim=32))
+    probe = timm.create_model("cast_tiny", num_classes=5, img_size=32)
+    prepare_linear_probe(probe, moco.state_dict())
+    trainable = [n for n, p in probe.named_parameters() if p.requires_grad]
+    assert trainable == ["head.weight", "head.bias"]
+    assert probe.head.weight.std().item() == pytest.approx(0.01, rel=0.3) and probe.head.bias.abs().sum() == 0
+    key = next(k for k in moco.base_encoder.state_dict() if not k.startswith("head."))
+    assert torch.equal(probe.state_dict()[key], moco.base_encoder.state_dict()[key])
+    with pytest.raises(ValueError, match="base_encoder"):
+        prepare_linear_probe(probe, {"x": torch.zeros(1)})
+
+
+def test_weight_decay_exclusions():
+    model = timm.create_model("cast_tiny", num_classes=3, img_size=32)
+    groups = param_groups(model, 0.05, exclude_bias_norm=True)
+    no_decay = {id(p) for p in groups[1]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in no_decay}
+    assert groups[1]["weight_decay"] == 0.0
+    assert all(p.ndim <= 1 for n, p in model.named_parameters() if id(p) in no_decay and n not in
+               model.no_weight_decay())
+    assert set(model.no_weight_decay()) & {n for n, _ in model.named_parameters()} <= names
+    assert len(param_groups(model, 0.1, exclude_bias_norm=False)) == 1   # MoCo: wd on all params
+    sgd = build_optimizer(model, OptimConfig(name="sgd", weight_decay=0.0, momentum=0.9), lr=0.1)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
