@@ -42,7 +42,7 @@ class SweepConfig:
     mode: str = "min"
     max_concurrent_trials: int = 0       # 0 = as many as the cluster fits
     asha: AshaConfig = field(default_factory=AshaConfig)
-    trial_driver_cpus: float = 0.0       # the trial's own driver process (workers ask for theirs)
+    trial_driver_cpus: float = 0.05      # the trial's own driver process (> 0; its workers ask for theirs)
     storage_path: str = "outputs/sweeps"
     name: str = "sweep"
     best_config: str = ""                # where to write the best trial's config ("" = <sweep folder>/best_config.yaml)
@@ -54,6 +54,8 @@ class SweepConfig:
             raise ConfigError("search: expected at least one dotted key with a sampler")
         if self.mode not in ("min", "max"):
             raise ConfigError(f"mode: expected 'min' or 'max', got {self.mode!r}")
+        if not self.trial_driver_cpus > 0:
+            raise ConfigError(f"trial_driver_cpus: expected > 0 (Ray needs a resource), got {self.trial_driver_cpus}")
         if self.num_samples < 1:
             raise ConfigError(f"num_samples: expected >= 1, got {self.num_samples}")
         base = base_config(self)
@@ -105,7 +107,6 @@ def trial_config(base: TrainConfig, params: dict) -> TrainConfig:
 
 def run_sweep(sweep: SweepConfig):
     """Run the sweep; returns (ResultGrid, path of the best config YAML)."""
-    import ray.train
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.tune.schedulers import ASHAScheduler
@@ -132,8 +133,7 @@ def run_sweep(sweep: SweepConfig):
                                     grace_period=sweep.asha.grace_period,
                                     reduction_factor=sweep.asha.reduction_factor),
         ),
-        run_config=tune.RunConfig(storage_path=sweep.resolved_storage_path(), name=sweep.name,
-                                  failure_config=ray.train.FailureConfig(max_failures=0)),
+        run_config=tune.RunConfig(storage_path=sweep.resolved_storage_path(), name=sweep.name),
     )
     results = tuner.fit()
     best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="last")
