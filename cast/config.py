@@ -63,7 +63,7 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {'.'.join(parts[:depth + 1])} is not a section")
+            raise ConfigError(f"override {key}: {'.'.join(parts[: depth + 1])} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -76,8 +76,10 @@ def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(f"unknown key {_join(prefix, unknown[0])!r} in {cls.__name__}; "
-                          f"valid keys: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"unknown key {_join(prefix, unknown[0])!r} in {cls.__name__}; "
+            f"valid keys: {', '.join(sorted(known))}"
+        )
     kwargs = {name: _coerce(value, hints[name], _join(prefix, name)) for name, value in raw.items()}
     try:
         return cls(**kwargs)
@@ -150,7 +152,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):   # YAML 1.1 reads "3e-4" (no dot) as a string
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
                 return float(value)
             except ValueError:

@@ -1,4 +1,5 @@
-"""Checkpoint IO: exact save/restore (weights, optimizer, RNG, data position), interrupted saves, retried uploads."""
+"""Checkpoint IO: exact save/restore (weights, optimizer, RNG, data position), interrupted saves,
+retried uploads."""
 
 import os
 import random
@@ -36,17 +37,27 @@ def _model_and_optimizer():
 
 def _state(position: Position):
     model, optimizer = _model_and_optimizer()
-    return model, optimizer, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "position": vars(position), "rng": [rng_state()]}
+    return (
+        model,
+        optimizer,
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "position": vars(position),
+            "rng": [rng_state()],
+        },
+    )
 
 
 def _persist_into(storage):
     """Ray's own upload step, into a local 'bucket' folder (what persist_current_checkpoint does)."""
+
     def persist(checkpoint, name):
         dest = os.path.join(storage, name)
         os.makedirs(dest, exist_ok=True)
         pyarrow.fs.copy_files(checkpoint.path, dest)
         return Checkpoint(path=dest, filesystem=pyarrow.fs.LocalFileSystem())
+
     return persist
 
 
@@ -59,14 +70,16 @@ def test_save_restore_is_exact(tmp_path):
     state["rng"] = [rng_state()]
     draws = (random.random(), np.random.rand(), torch.rand(1).item())
     folder = new_checkpoint_folder(state, "objective: moco\n")
-    restored = read_state(folder)   # torch.load(weights_only=True) inside
+    restored = read_state(folder)  # torch.load(weights_only=True) inside
     fresh = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
     fresh.load_state_dict(restored["model"])
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
     fresh_opt.load_state_dict(restored["optimizer"])
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], fresh_opt.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(
+        optimizer.state_dict()["state"][0]["exp_avg"], fresh_opt.state_dict()["state"][0]["exp_avg"]
+    )
     assert Position(**restored["position"]) == position
     random.seed(99)
     np.random.seed(99)
@@ -84,7 +97,7 @@ def test_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     upload(Checkpoint.from_directory(new_checkpoint_folder(state, "")), checkpoint_name(good_position))
     good = latest_checkpoint(storage)
 
-    def crash_midway(obj, path):   # a worker dying while writing: half a file, then the error
+    def crash_midway(obj, path):  # a worker dying while writing: half a file, then the error
         with open(path, "wb") as f:
             f.write(b"\x80partial")
         raise OSError("disk full")
@@ -96,7 +109,7 @@ def test_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         new_checkpoint_folder(state, "")
     monkeypatch.undo()
-    assert os.listdir(scratch) == []   # the half-written folder is gone and was never reported
+    assert os.listdir(scratch) == []  # the half-written folder is gone and was never reported
     # an upload that dies part-way (the folder exists without its marker) is not picked either
     os.makedirs(os.path.join(storage, checkpoint_name(Position(step=20, epoch=1))))
     assert latest_checkpoint(storage) == good
@@ -116,11 +129,14 @@ def test_transient_upload_errors_are_retried(tmp_path):
     delays = []
     _, _, state = _state(Position(step=3))
     persisted = retrying_upload(4, 0.5, persist=flaky, sleep=delays.append)(
-        Checkpoint.from_directory(new_checkpoint_folder(state, "")), "checkpoint_a")
+        Checkpoint.from_directory(new_checkpoint_folder(state, "")), "checkpoint_a"
+    )
     assert delays == [0.5, 1.0]
     assert os.path.exists(os.path.join(persisted.path, COMPLETE_MARKER))
     assert latest_checkpoint(storage).endswith("checkpoint_a")
-    always = retrying_upload(2, 0.0, persist=lambda c, n: (_ for _ in ()).throw(OSError("down")), sleep=delays.append)
+    always = retrying_upload(
+        2, 0.0, persist=lambda c, n: (_ for _ in ()).throw(OSError("down")), sleep=delays.append
+    )
     with pytest.raises(OSError, match="down"):
         always(Checkpoint.from_directory(new_checkpoint_folder(state, "")), "checkpoint_b")
     assert latest_checkpoint(storage).endswith("checkpoint_a")

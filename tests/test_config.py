@@ -13,8 +13,17 @@ TINY = str(CONFIGS / "moco_cast_tiny.yaml")
 
 
 def test_overrides_parse_yaml_scalars_and_lists():
-    cfg = load_config(TrainConfig, TINY, ["optim.base_lr=3e-4", "data.batch_size=4", "optim.betas=[0.9, 0.95]",
-                                          "model.kwargs.drop_rate=0.0", "ray.use_gpu=true"])
+    cfg = load_config(
+        TrainConfig,
+        TINY,
+        [
+            "optim.base_lr=3e-4",
+            "data.batch_size=4",
+            "optim.betas=[0.9, 0.95]",
+            "model.kwargs.drop_rate=0.0",
+            "ray.use_gpu=true",
+        ],
+    )
     assert cfg.optim.base_lr == pytest.approx(3e-4)
     assert cfg.data.batch_size == 4
     assert cfg.optim.betas == (0.9, 0.95)
@@ -22,13 +31,16 @@ def test_overrides_parse_yaml_scalars_and_lists():
     assert cfg.ray.use_gpu is True
 
 
-@pytest.mark.parametrize("override, key, expected", [
-    ("optim.base_lrr=1", "optim.base_lrr", "valid keys"),
-    ("data.batch_size=big", "data.batch_size", "expected int"),
-    ("ray.use_gpu=3", "ray.use_gpu", "expected bool"),
-    ("optim.betas=0.9", "optim.betas", "expected a list"),
-    ("model=cast_tiny", "model", "expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("optim.base_lrr=1", "optim.base_lrr", "valid keys"),
+        ("data.batch_size=big", "data.batch_size", "expected int"),
+        ("ray.use_gpu=3", "ray.use_gpu", "expected bool"),
+        ("optim.betas=0.9", "optim.betas", "expected a list"),
+        ("model=cast_tiny", "model", "expected a mapping"),
+    ],
+)
 def test_wrong_key_or_type_names_the_key(override, key, expected):
     with pytest.raises(ConfigError) as info:
         load_config(TrainConfig, TINY, [override])
@@ -67,7 +79,9 @@ def test_parse_job_args():
     assert parse_job_args(["--config", "a.yaml", "x.y=1", "z=[1,2]"]) == ("a.yaml", ["x.y=1", "z=[1,2]"])
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("sweep")))
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("sweep"))
+)
 def test_shipped_job_configs_validate(name):
     overrides = ["data.shards=/data/shards", "linear.pretrained=/runs/moco"]
     cfg = load_config(TrainConfig, str(CONFIGS / name), overrides)
@@ -78,12 +92,20 @@ def test_shipped_job_configs_validate(name):
 
 def test_paper_recipes_exact():
     moco = load_config(TrainConfig, str(CONFIGS / "moco_cast_small_in1k.yaml"))
-    assert (moco.schedule.epochs, moco.schedule.warmup_epochs, moco.optim.base_lr, moco.optim.weight_decay) == \
-        (100, 10, 1.5e-4, 0.1)
+    assert (
+        moco.schedule.epochs,
+        moco.schedule.warmup_epochs,
+        moco.optim.base_lr,
+        moco.optim.weight_decay,
+    ) == (100, 10, 1.5e-4, 0.1)
     assert moco.global_batch == 256 and (moco.moco.temperature, moco.moco.momentum) == (0.2, 0.99)
     assert (moco.moco.dim, moco.moco.mlp_dim) == (256, 4096)
     coco = load_config(TrainConfig, str(CONFIGS / "moco_cast_small_coco.yaml"))
-    assert (coco.model.name, coco.schedule.epochs, coco.schedule.warmup_epochs) == ("cast_seg_small_pretrain", 400, 40)
+    assert (coco.model.name, coco.schedule.epochs, coco.schedule.warmup_epochs) == (
+        "cast_seg_small_pretrain",
+        400,
+        40,
+    )
     linear = load_config(TrainConfig, str(CONFIGS / "linear_cast_small_in1k.yaml"))
     assert linear.optim.base_lr * linear.global_batch / linear.optim.base_batch == 120.0
     deit = load_config(TrainConfig, str(CONFIGS / "deit_cast_small_in1k.yaml"))
@@ -93,18 +115,27 @@ def test_paper_recipes_exact():
 @pytest.mark.parametrize("name", ["sweep_moco_tiny.yaml", "sweep_moco_lr.yaml"])
 def test_shipped_sweeps_validate(name, monkeypatch):
     monkeypatch.chdir(CONFIGS.parents[1])
-    sweep = load_config(SweepConfig, str(CONFIGS / name), ["overrides=[data.shards=/data/shards]"]
-                        if name == "sweep_moco_tiny.yaml" else [])
+    sweep = load_config(
+        SweepConfig,
+        str(CONFIGS / name),
+        ["overrides=[data.shards=/data/shards]"] if name == "sweep_moco_tiny.yaml" else [],
+    )
     sweep.validate()
 
 
 def test_sweep_search_key_is_checked(monkeypatch):
     monkeypatch.chdir(CONFIGS.parents[1])
-    sweep = load_config(SweepConfig, str(CONFIGS / "sweep_moco_tiny.yaml"),
-                        ["overrides=[data.shards=/d]", "search={optim.base_lrr: {choice: [1, 2]}}"])
+    sweep = load_config(
+        SweepConfig,
+        str(CONFIGS / "sweep_moco_tiny.yaml"),
+        ["overrides=[data.shards=/d]", "search={optim.base_lrr: {choice: [1, 2]}}"],
+    )
     with pytest.raises(ConfigError, match="optim.base_lrr"):
         sweep.validate()
-    sweep = load_config(SweepConfig, str(CONFIGS / "sweep_moco_tiny.yaml"),
-                        ["overrides=[data.shards=/d]", "search={optim.base_lr: {loguniform: [0, 1]}}"])
+    sweep = load_config(
+        SweepConfig,
+        str(CONFIGS / "sweep_moco_tiny.yaml"),
+        ["overrides=[data.shards=/d]", "search={optim.base_lr: {loguniform: [0, 1]}}"],
+    )
     with pytest.raises(ConfigError, match="search.optim.base_lr"):
         sweep.validate()

@@ -23,16 +23,30 @@ TINY = "jobs/configs/moco_cast_tiny.yaml"
 def test_bad_config_fails_before_ray(tmp_path):
     """Exit code 2 and the key named; RAY_ADDRESS points nowhere, so any Ray contact would hang or fail."""
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
-    for overrides, key in ((["data.shards=/x", "optim.base_lr=fast"], "optim.base_lr"),
-                           ([], "data.shards"),
-                           (["data.shards=/x", "model.name=cast_huge"], "model.name")):
-        proc = subprocess.run([sys.executable, "-m", "jobs.pretrain", "--config", TINY, *overrides], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=120)
+    for overrides, key in (
+        (["data.shards=/x", "optim.base_lr=fast"], "optim.base_lr"),
+        ([], "data.shards"),
+        (["data.shards=/x", "model.name=cast_huge"], "model.name"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "jobs.pretrain", "--config", TINY, *overrides],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2, proc.stderr
         assert "config error" in proc.stderr and key in proc.stderr
         assert "Ray" not in proc.stderr and "ray" not in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--config", TINY, "data.shards=/x"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--config", TINY, "data.shards=/x"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "objective" in proc.stderr
 
 
@@ -50,17 +64,49 @@ def test_submitted_pretraining_survives_a_killed_worker(ray_head, s3_server, tmp
     build_shards(str(tmp_path / "src"), f"s3://{bucket}/shards", "imagefolder", max_count=8, progress=False)
 
     name = "moco-tiny-kill"
-    overrides = [f"data.shards=s3://{bucket}/shards", "data.batch_size=4", "ray.num_workers=2",
-                 f"ray.storage_path=s3://{bucket}/runs", f"ray.name={name}", "ray.max_failures=2",
-                 "schedule.epochs=8", "schedule.warmup_epochs=1", "optim.base_lr=0.05",
-                 "checkpoint.every_steps=4", "checkpoint.keep=2", "logging.every_steps=1"]
-    runtime_env = {"working_dir": str(REPO), "env_vars": s3_server.env,
-                   "excludes": [".git", ".venv", "/outputs/", "__pycache__", ".pytest_cache", ".ruff_cache"]}
+    overrides = [
+        f"data.shards=s3://{bucket}/shards",
+        "data.batch_size=4",
+        "ray.num_workers=2",
+        f"ray.storage_path=s3://{bucket}/runs",
+        f"ray.name={name}",
+        "ray.max_failures=2",
+        "schedule.epochs=8",
+        "schedule.warmup_epochs=1",
+        "optim.base_lr=0.05",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep=2",
+        "logging.every_steps=1",
+    ]
+    runtime_env = {
+        "working_dir": str(REPO),
+        "env_vars": s3_server.env,
+        "excludes": [".git", ".venv", "/outputs/", "__pycache__", ".pytest_cache", ".ruff_cache"],
+    }
     submit = subprocess.run(
-        [f"{Path(sys.executable).parent}/ray", "job", "submit", "--address", ray_head.address, "--no-wait",
-         "--runtime-env-json", json.dumps(runtime_env), "--",
-         "python", "-m", "jobs.pretrain", "--config", TINY, *overrides],
-        env=ray_head.env, capture_output=True, text=True, timeout=120, cwd=REPO)
+        [
+            f"{Path(sys.executable).parent}/ray",
+            "job",
+            "submit",
+            "--address",
+            ray_head.address,
+            "--no-wait",
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "-m",
+            "jobs.pretrain",
+            "--config",
+            TINY,
+            *overrides,
+        ],
+        env=ray_head.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert submit.returncode == 0, submit.stdout + submit.stderr
     job_id = re.search(r"Job '([^']+)' submitted successfully", submit.stdout + submit.stderr).group(1)
     client = ray_head.client()
@@ -73,7 +119,7 @@ def test_submitted_pretraining_survives_a_killed_worker(ray_head, s3_server, tmp
         assert status not in (JobStatus.FAILED, JobStatus.STOPPED), _job_logs(client, job_id)
         logs = _job_logs(client, job_id)
         pids = sorted(set(re.findall(r"\(RayTrainWorker pid=(\d+)", logs)))
-        if re.search(r"\[cast-train\] .*\| checkpoint ", logs) and pids:   # registered by the controller
+        if re.search(r"\[cast-train\] .*\| checkpoint ", logs) and pids:  # registered by the controller
             killed = int(pids[-1])
             os.kill(killed, signal.SIGKILL)
         else:
@@ -91,17 +137,19 @@ def test_submitted_pretraining_survives_a_killed_worker(ray_head, s3_server, tmp
     assert resumed and resumed[0] > 0, logs[-4000:]
     steps_and_losses = [(int(s), float(v)) for s, v in re.findall(r"\| step (\d+) \| loss ([0-9.]+)", logs)]
     final_step = max(s for s, _ in steps_and_losses)
-    assert final_step == 8 * 4   # 32 images / (2 workers x 4) = 4 steps per epoch, 8 epochs
-    by_step = dict(steps_and_losses)   # the last line per step (after the restart, the resumed run's)
+    assert final_step == 8 * 4  # 32 images / (2 workers x 4) = 4 steps per epoch, 8 epochs
+    by_step = dict(steps_and_losses)  # the last line per step (after the restart, the resumed run's)
     first_epoch = [by_step[s] for s in (1, 2, 3, 4)]
     last_epoch = [by_step[s] for s in range(final_step - 3, final_step + 1)]
-    assert sum(last_epoch) < sum(first_epoch) - 0.2, steps_and_losses   # ~0.1 per step lower on average
+    assert sum(last_epoch) < sum(first_epoch) - 0.2, steps_and_losses  # ~0.1 per step lower on average
 
     # checkpoints (complete, at most `keep`), the resolved config and TensorBoard events live in S3
     s3 = boto3.client("s3", endpoint_url=s3_server.endpoint)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"runs/{name}/").get("Contents", [])]
     checkpoints = {k.split("/")[2] for k in keys if k.split("/")[2].startswith("checkpoint_epoch")}
     assert 1 <= len(checkpoints) <= 2
-    assert all(f"runs/{name}/{c}/_COMPLETE" in keys and f"runs/{name}/{c}/state.pt" in keys for c in checkpoints)
+    assert all(
+        f"runs/{name}/{c}/_COMPLETE" in keys and f"runs/{name}/{c}/state.pt" in keys for c in checkpoints
+    )
     assert f"runs/{name}/config.yaml" in keys
     assert any("/tensorboard/" in k and "events" in k for k in keys)

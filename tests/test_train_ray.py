@@ -28,13 +28,27 @@ def shards(tmp_path_factory):
 
 def _supervised(shards, storage, name, workers, batch):
     overrides = [
-        f"data.shards={shards}", "data.recipe=eval", f"data.batch_size={batch}", "data.shuffle=false",
-        "model.kwargs={img_size: 64, drop_rate: 0.0, drop_path_rate: 0.0, pool_dropout: 0.0, fusion_dropout: 0.0}",
-        "model.freeze_bn=true", "optim.name=sgd", "optim.base_lr=0.5", "optim.base_batch=8",
-        "optim.weight_decay=0.0", "optim.exclude_bias_norm_from_wd=false",
-        "supervised.mixup_alpha=0.0", "supervised.cutmix_alpha=0.0", "supervised.ema_decay=0.0",
-        "schedule.epochs=1", "schedule.warmup_epochs=0", f"ray.num_workers={workers}",
-        f"ray.storage_path={storage}", f"ray.name={name}", "logging.tensorboard=false",
+        f"data.shards={shards}",
+        "data.recipe=eval",
+        f"data.batch_size={batch}",
+        "data.shuffle=false",
+        "model.kwargs={img_size: 64, drop_rate: 0.0, drop_path_rate: 0.0, pool_dropout: 0.0, "
+        "fusion_dropout: 0.0}",
+        "model.freeze_bn=true",
+        "optim.name=sgd",
+        "optim.base_lr=0.5",
+        "optim.base_batch=8",
+        "optim.weight_decay=0.0",
+        "optim.exclude_bias_norm_from_wd=false",
+        "supervised.mixup_alpha=0.0",
+        "supervised.cutmix_alpha=0.0",
+        "supervised.ema_decay=0.0",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+        f"ray.num_workers={workers}",
+        f"ray.storage_path={storage}",
+        f"ray.name={name}",
+        "logging.tensorboard=false",
     ]
     return load_config(TrainConfig, str(CONFIGS / "supervised_cast_tiny.yaml"), overrides)
 
@@ -49,20 +63,34 @@ def test_two_workers_match_one_worker_with_twice_the_batch(ray_local, shards, tm
         states[workers] = read_state(latest_checkpoint(str(tmp_path / f"w{workers}")))["model"]
     for key, value in states[1].items():
         assert torch.allclose(value, states[2][key], atol=1e-5, rtol=1e-4), key
-    torch.manual_seed(0)   # the loop seeds rank 0 with cfg.seed + 0 before building the model
+    torch.manual_seed(0)  # the loop seeds rank 0 with cfg.seed + 0 before building the model
     fresh = timm.create_model("cast_tiny", num_classes=2, img_size=64).state_dict()
-    moved = [k for k in fresh if fresh[k].is_floating_point()
-             and not torch.allclose(fresh[k], states[1][k], atol=1e-4)]
-    assert len(moved) > 10   # the step really changed the weights, far beyond the tolerance above
+    moved = [
+        k
+        for k in fresh
+        if fresh[k].is_floating_point() and not torch.allclose(fresh[k], states[1][k], atol=1e-4)
+    ]
+    assert len(moved) > 10  # the step really changed the weights, far beyond the tolerance above
 
 
 def test_asha_sweep_writes_a_usable_best_config(ray_local, shards, tmp_path, monkeypatch):
     monkeypatch.chdir(CONFIGS.parents[1])
-    sweep = load_config(SweepConfig, str(CONFIGS / "sweep_moco_tiny.yaml"), [
-        f"storage_path={tmp_path}", "name=sweep", "asha={max_t: 4, grace_period: 1, reduction_factor: 2}"])
-    sweep.overrides = [f"data.shards={shards}", "ray.num_workers=1", "data.batch_size=4", "schedule.epochs=2",
-                       "checkpoint.every_steps=0", "logging.every_steps=1", "logging.tensorboard=false",
-                       "ray.max_failures=0", "ray.resources_per_worker={CPU: 0.45}"]
+    sweep = load_config(
+        SweepConfig,
+        str(CONFIGS / "sweep_moco_tiny.yaml"),
+        [f"storage_path={tmp_path}", "name=sweep", "asha={max_t: 4, grace_period: 1, reduction_factor: 2}"],
+    )
+    sweep.overrides = [
+        f"data.shards={shards}",
+        "ray.num_workers=1",
+        "data.batch_size=4",
+        "schedule.epochs=2",
+        "checkpoint.every_steps=0",
+        "logging.every_steps=1",
+        "logging.tensorboard=false",
+        "ray.max_failures=0",
+        "ray.resources_per_worker={CPU: 0.45}",
+    ]
     results, best = run_sweep(sweep)
     assert len(results) == 4
     assert all(r.error is None for r in results)

@@ -57,7 +57,16 @@ def test_lr_schedule_warmup_then_half_cosine():
 def test_mlp_layout_of_the_reference():
     proj = build_mlp(3, 192, 4096, 256, last_bn=True)
     kinds = [type(m).__name__ for m in proj]
-    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert kinds == [
+        "Linear",
+        "BatchNorm1d",
+        "ReLU",
+        "Linear",
+        "BatchNorm1d",
+        "ReLU",
+        "Linear",
+        "BatchNorm1d",
+    ]
     assert all(m.bias is None for m in proj if isinstance(m, nn.Linear))
     assert proj[-1].affine is False
     pred = build_mlp(2, 256, 4096, 256, last_bn=False)
@@ -84,7 +93,9 @@ def test_moco_step_updates_base_and_momentum_encoders():
     assert all(p.grad is None for p in moco.momentum_encoder.parameters())
     torch.optim.SGD([p for p in moco.parameters() if p.requires_grad], lr=1.0).step()
     moco(images, superpixels, m=0.5)
-    changed = [not torch.equal(a, b) for a, b in zip(key_before, moco.momentum_encoder.parameters(), strict=True)]
+    changed = [
+        not torch.equal(a, b) for a, b in zip(key_before, moco.momentum_encoder.parameters(), strict=True)
+    ]
     assert any(changed)
 
 
@@ -95,7 +106,9 @@ def test_supervised_objective_mixes_and_smooths():
     objective = SupervisedObjective(SupervisedConfig(num_classes=3, mixup_alpha=0.8, cutmix_alpha=1.0))
     loss, logits = objective(model, images[:, 0].clone(), superpixels[:, 0], labels)
     assert logits.shape == (4, 3) and loss.item() > 0
-    plain = SupervisedObjective(SupervisedConfig(num_classes=3, mixup_alpha=0, cutmix_alpha=0, label_smoothing=0))
+    plain = SupervisedObjective(
+        SupervisedConfig(num_classes=3, mixup_alpha=0, cutmix_alpha=0, label_smoothing=0)
+    )
     loss, logits = plain(model, images[:, 0], superpixels[:, 0], labels)
     assert loss.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
 
@@ -119,9 +132,12 @@ def test_weight_decay_exclusions():
     no_decay = {id(p) for p in groups[1]["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in no_decay}
     assert groups[1]["weight_decay"] == 0.0
-    assert all(p.ndim <= 1 for n, p in model.named_parameters() if id(p) in no_decay and n not in
-               model.no_weight_decay())
+    assert all(
+        p.ndim <= 1
+        for n, p in model.named_parameters()
+        if id(p) in no_decay and n not in model.no_weight_decay()
+    )
     assert set(model.no_weight_decay()) & {n for n, _ in model.named_parameters()} <= names
-    assert len(param_groups(model, 0.1, exclude_bias_norm=False)) == 1   # MoCo: wd on all params
+    assert len(param_groups(model, 0.1, exclude_bias_norm=False)) == 1  # MoCo: wd on all params
     sgd = build_optimizer(model, OptimConfig(name="sgd", weight_decay=0.0, momentum=0.9), lr=0.1)
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9

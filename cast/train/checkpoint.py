@@ -24,7 +24,7 @@ import torch
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
-COMPLETE_MARKER = "_COMPLETE"   # written after the upload: a folder without it is an interrupted upload
+COMPLETE_MARKER = "_COMPLETE"  # written after the upload: a folder without it is an interrupted upload
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class Position:
 
     step: int = 0
     epoch: int = 0
-    batches_done: int = 0       # batches of ``epoch`` this rank already trained on
+    batches_done: int = 0  # batches of ``epoch`` this rank already trained on
     world_size: int = 1
 
 
@@ -44,9 +44,18 @@ def rng_state() -> dict:
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
     state = {
-        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
-        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {
+            "version": py_version,
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss": py_gauss,
+        },
+        "numpy": {
+            "kind": np_kind,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -58,8 +67,9 @@ def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     npy = state["numpy"]
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["gauss"]))
+    np.random.set_state(
+        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -74,7 +84,7 @@ def write_checkpoint(folder: str, state: dict, config_yaml: str) -> str:
 
 
 def new_checkpoint_folder(state: dict, config_yaml: str) -> str:
-    """A new temp folder holding the checkpoint; on any error the folder is removed and nothing is reported."""
+    """A new temp folder holding the checkpoint; on any error it is removed and nothing is reported."""
     folder = tempfile.mkdtemp(prefix="cast-ckpt-")
     try:
         return write_checkpoint(folder, state, config_yaml)
@@ -97,12 +107,17 @@ def latest_checkpoint(location: str) -> str:
     path = path.rstrip("/")
     if fs.exists(f"{path}/{STATE_FILE}"):
         return location.rstrip("/")
-    names = sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)
-                   if os.path.basename(p.rstrip("/")).startswith("checkpoint_"))
+    names = sorted(
+        os.path.basename(p.rstrip("/"))
+        for p in fs.ls(path, detail=False)
+        if os.path.basename(p.rstrip("/")).startswith("checkpoint_")
+    )
     complete = [n for n in names if fs.exists(f"{path}/{n}/{COMPLETE_MARKER}")]
     if not complete:
-        raise FileNotFoundError(f"no complete checkpoint in {location} "
-                                f"(no {STATE_FILE}, no checkpoint_* folder with {COMPLETE_MARKER})")
+        raise FileNotFoundError(
+            f"no complete checkpoint in {location} "
+            f"(no {STATE_FILE}, no checkpoint_* folder with {COMPLETE_MARKER})"
+        )
     return location.rstrip("/") + "/" + complete[-1]
 
 
@@ -111,8 +126,12 @@ def checkpoint_name(position: Position) -> str:
     return f"checkpoint_epoch{position.epoch:04d}_step{position.step:09d}"
 
 
-def retrying_upload(attempts: int, backoff_s: float, persist: Callable | None = None,
-                    sleep: Callable[[float], None] = time.sleep) -> Callable:
+def retrying_upload(
+    attempts: int,
+    backoff_s: float,
+    persist: Callable | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Callable:
     """A ``checkpoint_upload_fn`` for ``ray.train.report`` that retries transient storage errors.
 
     ``persist(checkpoint, dir_name) -> Checkpoint`` defaults to Ray's own upload into the run's storage.
@@ -131,12 +150,18 @@ def retrying_upload(attempts: int, backoff_s: float, persist: Callable | None = 
                 with persisted.filesystem.open_output_stream(f"{persisted.path}/{COMPLETE_MARKER}") as f:
                     f.write(b"ok\n")
                 return persisted
-            except OSError as e:   # pyarrow / fsspec / botocore connection errors all derive from OSError
+            except OSError as e:  # pyarrow / fsspec / botocore connection errors all derive from OSError
                 if attempt == attempts:
                     raise
                 delay = backoff_s * 2 ** (attempt - 1)
-                log.warning("checkpoint upload %s failed (attempt %d/%d: %s); retrying in %.1fs",
-                            dir_name, attempt, attempts, e, delay)
+                log.warning(
+                    "checkpoint upload %s failed (attempt %d/%d: %s); retrying in %.1fs",
+                    dir_name,
+                    attempt,
+                    attempts,
+                    e,
+                    delay,
+                )
                 sleep(delay)
         raise AssertionError("unreachable")
 

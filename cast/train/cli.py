@@ -34,7 +34,7 @@ def run_training_job(argv: Sequence[str] | None, objective: str) -> int:
 
     from cast.train.driver import fit, run_folder
 
-    ray.init()   # joins RAY_ADDRESS / the cluster of `ray job submit`, else starts a local one
+    ray.init()  # joins RAY_ADDRESS / the cluster of `ray job submit`, else starts a local one
     try:
         result = fit(cfg)
     except ray.train.TrainingFailedError as e:

@@ -18,84 +18,84 @@ OPTIMIZERS = ("adamw", "sgd")
 
 @dataclass
 class ModelConfig:
-    name: str = "cast_tiny"              # a timm-registered model (cast_* registers on import)
-    kwargs: dict = field(default_factory=dict)   # passed to timm.create_model (e.g. img_size, drop_path_rate)
-    sync_bn: bool = False                # convert BatchNorm to SyncBatchNorm (the MoCo reference does)
-    freeze_bn: bool = False              # keep every BatchNorm in eval mode (running stats, no batch stats)
+    name: str = "cast_tiny"  # a timm-registered model (cast_* registers on import)
+    kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (e.g. img_size, drop_path_rate)
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm (the MoCo reference does)
+    freeze_bn: bool = False  # keep every BatchNorm in eval mode (running stats, no batch stats)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"                  # adamw | sgd
-    base_lr: float = 1.5e-4              # lr = base_lr * global batch / base_batch
+    name: str = "adamw"  # adamw | sgd
+    base_lr: float = 1.5e-4  # lr = base_lr * global batch / base_batch
     base_batch: int = 256
     weight_decay: float = 0.1
-    exclude_bias_norm_from_wd: bool = False   # DeiT/timm: no wd on 1-D params and model.no_weight_decay()
+    exclude_bias_norm_from_wd: bool = False  # DeiT/timm: no wd on 1-D params and model.no_weight_decay()
     betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = 0.9                # SGD only
-    grad_accum_steps: int = 1            # micro-batches per optimizer step
-    clip_grad_norm: float = 0.0          # 0 = off
+    momentum: float = 0.9  # SGD only
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    clip_grad_norm: float = 0.0  # 0 = off
 
 
 @dataclass
 class ScheduleConfig:
     epochs: int = 100
-    warmup_epochs: float = 10.0          # linear warmup, per iteration
-    warmup_start_lr: float = 0.0         # DeiT: 1e-6
-    min_lr: float = 0.0                  # half-cosine floor (DeiT: 1e-5)
+    warmup_epochs: float = 10.0  # linear warmup, per iteration
+    warmup_start_lr: float = 0.0  # DeiT: 1e-6
+    min_lr: float = 0.0  # half-cosine floor (DeiT: 1e-5)
 
 
 @dataclass
 class MocoConfig:
-    dim: int = 256                       # projector / predictor output
-    mlp_dim: int = 4096                  # projector / predictor hidden width
+    dim: int = 256  # projector / predictor output
+    mlp_dim: int = 4096  # projector / predictor hidden width
     temperature: float = 0.2
-    momentum: float = 0.99               # base momentum of the key encoder
-    momentum_cosine: bool = True         # m -> 1 on a half-cosine over training (--moco-m-cos)
+    momentum: float = 0.99  # base momentum of the key encoder
+    momentum_cosine: bool = True  # m -> 1 on a half-cosine over training (--moco-m-cos)
 
 
 @dataclass
 class SupervisedConfig:
     num_classes: int = 1000
     label_smoothing: float = 0.1
-    mixup_alpha: float = 0.8             # 0 and cutmix_alpha 0 = no mixing
+    mixup_alpha: float = 0.8  # 0 and cutmix_alpha 0 = no mixing
     cutmix_alpha: float = 1.0
     mix_prob: float = 1.0
     switch_prob: float = 0.5
-    ema_decay: float = 0.0               # model EMA (DeiT: 0.99996); 0 = off
+    ema_decay: float = 0.0  # model EMA (DeiT: 0.99996); 0 = off
 
 
 @dataclass
 class LinearConfig:
     num_classes: int = 1000
-    pretrained: str = ""                 # a MoCo checkpoint dir (or run folder: its newest) to take the backbone from
-    val_shards: str = ""                 # labelled shards to report val_top1 on at every epoch end ("" = none)
+    pretrained: str = ""  # a MoCo checkpoint dir (or run folder: its newest) to take the backbone from
+    val_shards: str = ""  # labelled shards to report val_top1 on at every epoch end ("" = none)
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0                 # also checkpoint every N optimizer steps (0 = epoch ends only)
-    keep: int = 3                        # newest checkpoints kept in storage
-    resume_from: str = ""                # a checkpoint dir (or a run folder: its newest) to start a new run from
-    upload_attempts: int = 4             # a transient storage error is retried this many times
-    upload_backoff_s: float = 1.0        # first retry delay, doubled each time
+    every_steps: int = 0  # also checkpoint every N optimizer steps (0 = epoch ends only)
+    keep: int = 3  # newest checkpoints kept in storage
+    resume_from: str = ""  # a checkpoint dir (or a run folder: its newest) to start a new run from
+    upload_attempts: int = 4  # a transient storage error is retried this many times
+    upload_backoff_s: float = 1.0  # first retry delay, doubled each time
 
 
 @dataclass
 class RayConfig:
     num_workers: int = 1
     use_gpu: bool = False
-    resources_per_worker: dict = field(default_factory=dict)   # e.g. {"CPU": 8, "GPU": 1}
-    storage_path: str = "outputs/runs"   # local folder or s3://bucket/prefix
-    name: str = ""                       # run name; the same name resumes that run
-    max_failures: int = 0                # worker-group restarts (from the last checkpoint)
-    backend: str = ""                    # "" = nccl with GPUs, gloo without
+    resources_per_worker: dict = field(default_factory=dict)  # e.g. {"CPU": 8, "GPU": 1}
+    storage_path: str = "outputs/runs"  # local folder or s3://bucket/prefix
+    name: str = ""  # run name; the same name resumes that run
+    max_failures: int = 0  # worker-group restarts (from the last checkpoint)
+    backend: str = ""  # "" = nccl with GPUs, gloo without
 
 
 @dataclass
 class LoggingConfig:
-    every_steps: int = 10                # metrics through ray.train.report every N optimizer steps
-    tensorboard: bool = True             # event files under <run>/tensorboard on rank 0
+    every_steps: int = 10  # metrics through ray.train.report every N optimizer steps
+    tensorboard: bool = True  # event files under <run>/tensorboard on rank 0
 
 
 @dataclass
@@ -128,27 +128,47 @@ class TrainConfig:
         _check_model(self.model.name)
         _check_provider(self.data.superpixels, self.data.superpixel_params)
         _check(self.optim.name in OPTIMIZERS, "optim.name", f"one of {OPTIMIZERS}", self.optim.name)
-        for key, value in (("optim.base_lr", self.optim.base_lr), ("optim.base_batch", self.optim.base_batch),
-                           ("optim.grad_accum_steps", self.optim.grad_accum_steps),
-                           ("schedule.epochs", self.schedule.epochs), ("ray.num_workers", self.ray.num_workers),
-                           ("logging.every_steps", self.logging.every_steps),
-                           ("checkpoint.keep", self.checkpoint.keep),
-                           ("checkpoint.upload_attempts", self.checkpoint.upload_attempts)):
+        for key, value in (
+            ("optim.base_lr", self.optim.base_lr),
+            ("optim.base_batch", self.optim.base_batch),
+            ("optim.grad_accum_steps", self.optim.grad_accum_steps),
+            ("schedule.epochs", self.schedule.epochs),
+            ("ray.num_workers", self.ray.num_workers),
+            ("logging.every_steps", self.logging.every_steps),
+            ("checkpoint.keep", self.checkpoint.keep),
+            ("checkpoint.upload_attempts", self.checkpoint.upload_attempts),
+        ):
             _check(value > 0, key, "a positive number", value)
-        _check(0 <= self.schedule.warmup_epochs <= self.schedule.epochs, "schedule.warmup_epochs",
-               "between 0 and schedule.epochs", self.schedule.warmup_epochs)
-        _check(self.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0", self.checkpoint.every_steps)
-        _check(self.ray.max_failures >= -1, "ray.max_failures", ">= -1 (-1 = unlimited)", self.ray.max_failures)
+        _check(
+            0 <= self.schedule.warmup_epochs <= self.schedule.epochs,
+            "schedule.warmup_epochs",
+            "between 0 and schedule.epochs",
+            self.schedule.warmup_epochs,
+        )
+        _check(
+            self.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0", self.checkpoint.every_steps
+        )
+        _check(
+            self.ray.max_failures >= -1, "ray.max_failures", ">= -1 (-1 = unlimited)", self.ray.max_failures
+        )
         _check(bool(self.ray.storage_path), "ray.storage_path", "a folder or URL", self.ray.storage_path)
-        _check(self.ray.backend in ("", "gloo", "nccl"), "ray.backend", "'', 'gloo' or 'nccl'", self.ray.backend)
+        _check(
+            self.ray.backend in ("", "gloo", "nccl"), "ray.backend", "'', 'gloo' or 'nccl'", self.ray.backend
+        )
         if self.objective == "moco":
             _check(self.data.recipe == "moco", "data.recipe", "'moco' for objective moco", self.data.recipe)
             _check(self.moco.temperature > 0, "moco.temperature", "> 0", self.moco.temperature)
             _check(0 <= self.moco.momentum <= 1, "moco.momentum", "in [0, 1]", self.moco.momentum)
         else:
-            _check(self.data.recipe in ("supervised", "eval"), "data.recipe",
-                   "'supervised' or 'eval' for a classification objective", self.data.recipe)
-            classes = self.supervised.num_classes if self.objective == "supervised" else self.linear.num_classes
+            _check(
+                self.data.recipe in ("supervised", "eval"),
+                "data.recipe",
+                "'supervised' or 'eval' for a classification objective",
+                self.data.recipe,
+            )
+            classes = (
+                self.supervised.num_classes if self.objective == "supervised" else self.linear.num_classes
+            )
             _check(classes > 0, f"{self.objective}.num_classes", "> 0", classes)
         if self.objective == "linear":
             _check(bool(self.linear.pretrained), "linear.pretrained", "a pretrained checkpoint path", "")
@@ -171,8 +191,10 @@ def _check_model(name: str) -> None:
     import cast.models  # noqa: F401  (registers cast_* with timm)
 
     if not timm.is_model(name):
-        raise ConfigError(f"model.name: {name!r} is not a registered timm model "
-                          f"(CAST ones: {', '.join(timm.list_models('cast_*'))})")
+        raise ConfigError(
+            f"model.name: {name!r} is not a registered timm model "
+            f"(CAST ones: {', '.join(timm.list_models('cast_*'))})"
+        )
 
 
 def _check_provider(name: str, params: dict) -> None:

@@ -56,8 +56,9 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg},
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
+        ),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(
             name=cfg.ray.name,
@@ -83,8 +84,14 @@ class ProgressLine(UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         head = metrics[0] if metrics else {}
         parts = [f"epoch {head.get('epoch_progress', 0):.2f}", f"step {head.get('step', 0)}"]
-        for key, fmt in (("loss", ".4f"), ("lr", ".3g"), ("images_per_s", ".1f"), ("data_wait_frac", ".2f"),
-                         ("train_top1", ".1f"), ("val_top1", ".2f")):
+        for key, fmt in (
+            ("loss", ".4f"),
+            ("lr", ".3g"),
+            ("images_per_s", ".1f"),
+            ("data_wait_frac", ".2f"),
+            ("train_top1", ".1f"),
+            ("val_top1", ".2f"),
+        ):
             if key in head:
                 parts.append(f"{key} {head[key]:{fmt}}")
         skipped = sum(v for k, v in head.items() if k.startswith("skipped_"))

@@ -69,8 +69,11 @@ class Trainer:
         self.model = ray.train.torch.prepare_model(self.module, move_to_device=False)
         self.peak_lr = scaled_lr(cfg.optim, cfg.global_batch)
         self.optimizer = build_optimizer(self.module, cfg.optim, self.peak_lr)
-        self.ema = ModelEmaV3(self.module, decay=cfg.supervised.ema_decay) \
-            if cfg.objective == "supervised" and cfg.supervised.ema_decay > 0 else None
+        self.ema = (
+            ModelEmaV3(self.module, decay=cfg.supervised.ema_decay)
+            if cfg.objective == "supervised" and cfg.supervised.ema_decay > 0
+            else None
+        )
         self.supervised = SupervisedObjective(cfg.supervised) if cfg.objective == "supervised" else None
         self.provider = _provider(cfg.data)
         self.position = Position(world_size=world_size)
@@ -78,8 +81,10 @@ class Trainer:
         probe = build_loader(cfg.data, rank=rank, world_size=world_size, epoch=0, provider=self.provider)
         self.steps_per_epoch = len(probe) // cfg.optim.grad_accum_steps
         if self.steps_per_epoch == 0:
-            raise ValueError(f"data.batch_size x optim.grad_accum_steps: {len(probe)} batches per epoch give "
-                             f"no optimizer step with {cfg.optim.grad_accum_steps} accumulation steps")
+            raise ValueError(
+                f"data.batch_size x optim.grad_accum_steps: {len(probe)} batches per epoch give "
+                f"no optimizer step with {cfg.optim.grad_accum_steps} accumulation steps"
+            )
         self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
         self.warmup_steps = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
         self.writer = self._tensorboard() if rank == 0 and cfg.logging.tensorboard else None
@@ -115,12 +120,16 @@ class Trainer:
             self.ema.module.load_state_dict(state["ema"])
         saved = Position(**state["position"])
         batches = saved.batches_done
-        if saved.world_size != self.world_size:   # same samples consumed, counted in this world's batches
+        if saved.world_size != self.world_size:  # same samples consumed, counted in this world's batches
             batches = batches * saved.world_size // self.world_size
-        self.position = Position(step=saved.step, epoch=saved.epoch, batches_done=batches,
-                                 world_size=self.world_size)
+        self.position = Position(
+            step=saved.step, epoch=saved.epoch, batches_done=batches, world_size=self.world_size
+        )
         if self.rank == 0:
-            print(f"[cast-train] resumed at step {saved.step} (epoch {saved.epoch}, batch {batches})", flush=True)
+            print(
+                f"[cast-train] resumed at step {saved.step} (epoch {saved.epoch}, batch {batches})",
+                flush=True,
+            )
         if len(state["rng"]) == self.world_size:
             set_rng_state(state["rng"][self.rank])
         else:
@@ -130,7 +139,7 @@ class Trainer:
         from tensorboardX import SummaryWriter
 
         run = self.cfg.resolved_storage_path().rstrip("/") + "/" + self.cfg.ray.name
-        if "://" in run:   # event files are written locally and copied up at every checkpoint
+        if "://" in run:  # event files are written locally and copied up at every checkpoint
             self._tb_remote = run + "/tensorboard"
             return SummaryWriter(tempfile.mkdtemp(prefix="cast-tb-"))
         self._tb_remote = None
@@ -142,8 +151,14 @@ class Trainer:
         accum = cfg.optim.grad_accum_steps
         while self.position.epoch < cfg.schedule.epochs:
             epoch = self.position.epoch
-            loader = build_loader(cfg.data, rank=self.rank, world_size=self.world_size, epoch=epoch,
-                                  provider=self.provider, start_batch=self.position.batches_done)
+            loader = build_loader(
+                cfg.data,
+                rank=self.rank,
+                world_size=self.world_size,
+                epoch=epoch,
+                provider=self.provider,
+                start_batch=self.position.batches_done,
+            )
             usable = self.steps_per_epoch * accum
             window = _Window()
             batches = iter(loader)
@@ -151,21 +166,22 @@ class Trainer:
             while self.position.batches_done < usable:
                 self._optimizer_step(batches, window, accum, epoch)
                 if self.position.batches_done >= usable:
-                    break   # the epoch-end report below carries this window and a checkpoint
+                    break  # the epoch-end report below carries this window and a checkpoint
                 checkpoint_due = _due(self.position.step, cfg.checkpoint.every_steps)
                 if checkpoint_due or _due(self.position.step, cfg.logging.every_steps):
                     self._report(window, loader, with_checkpoint=checkpoint_due)
                     window = _Window()
             extra = self._evaluate_linear() if cfg.objective == "linear" and cfg.linear.val_shards else {}
-            self.position = Position(step=self.position.step, epoch=epoch + 1, batches_done=0,
-                                     world_size=self.world_size)
+            self.position = Position(
+                step=self.position.step, epoch=epoch + 1, batches_done=0, world_size=self.world_size
+            )
             self._report(window, loader, with_checkpoint=True, extra=extra)
         if self.writer is not None:
             self.writer.close()
             self._sync_tensorboard()
 
     def _set_train_mode(self) -> None:
-        if self.cfg.objective == "linear":      # the reference trains the probe with the backbone in eval mode
+        if self.cfg.objective == "linear":  # the reference trains the probe with the backbone in eval mode
             self.model.eval()
             return
         self.model.train()
@@ -184,7 +200,11 @@ class Trainer:
             batch = next(batches)
             window.wait += time.perf_counter() - start
             last = micro == accum - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            sync = (
+                contextlib.nullcontext()
+                if last or not hasattr(self.model, "no_sync")
+                else self.model.no_sync()
+            )
             with sync:
                 loss, correct = self._loss(batch, epoch)
                 (loss / accum).backward()
@@ -204,7 +224,9 @@ class Trainer:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
             if self.cfg.objective == "moco":
-                fraction = epoch + self.position.batches_done / (self.steps_per_epoch * self.cfg.optim.grad_accum_steps)
+                fraction = epoch + self.position.batches_done / (
+                    self.steps_per_epoch * self.cfg.optim.grad_accum_steps
+                )
                 m = moco_momentum(fraction, self.cfg.schedule.epochs, self.cfg.moco)
                 return self.model(images, superpixels, m), -1
             labels = batch["label"].to(self.device, non_blocking=True)
@@ -227,10 +249,14 @@ class Trainer:
     def _report(self, window: _Window, loader, *, with_checkpoint: bool, extra: dict | None = None) -> None:
         import ray.train
 
-        metrics = {**window.summary(self.world_size, self.device), **(extra or {}),
-                   "step": self.position.step, "epoch": self.position.epoch,
-                   "epoch_progress": self.position.epoch + self.position.batches_done
-                   / (self.steps_per_epoch * self.cfg.optim.grad_accum_steps)}
+        metrics = {
+            **window.summary(self.world_size, self.device),
+            **(extra or {}),
+            "step": self.position.step,
+            "epoch": self.position.epoch,
+            "epoch_progress": self.position.epoch
+            + self.position.batches_done / (self.steps_per_epoch * self.cfg.optim.grad_accum_steps),
+        }
         metrics.update({f"skipped_{k}": v for k, v in _sum_counters(loader.counters).items()})
         if self.writer is not None:
             for key, value in metrics.items():
@@ -244,18 +270,26 @@ class Trainer:
             ray.train.report(metrics)
             return
         self._sync_tensorboard()
-        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "position": asdict(self.position), "rng": rngs}
+        state = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "position": asdict(self.position),
+            "rng": rngs,
+        }
         if self.ema is not None:
             state["ema"] = self.ema.module.state_dict()
         folder = new_checkpoint_folder(state, self.config_yaml)
         from ray.train import Checkpoint
 
         try:
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=checkpoint_name(self.position),
-                             checkpoint_upload_fn=retrying_upload(self.cfg.checkpoint.upload_attempts,
-                                                                  self.cfg.checkpoint.upload_backoff_s))
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(folder),
+                checkpoint_dir_name=checkpoint_name(self.position),
+                checkpoint_upload_fn=retrying_upload(
+                    self.cfg.checkpoint.upload_attempts, self.cfg.checkpoint.upload_backoff_s
+                ),
+            )
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -271,11 +305,19 @@ class Trainer:
     @torch.no_grad()
     def _evaluate_linear(self) -> dict:
         """Top-1 of the probe on ``linear.val_shards`` (each rank its share, summed over ranks)."""
-        val = DataConfig(**{**asdict(self.cfg.data), "shards": self.cfg.linear.val_shards,
-                            "recipe": "eval", "shuffle": False})
+        val = DataConfig(
+            **{
+                **asdict(self.cfg.data),
+                "shards": self.cfg.linear.val_shards,
+                "recipe": "eval",
+                "shuffle": False,
+            }
+        )
         self.model.eval()
         correct = total = 0
-        for batch in build_loader(val, rank=self.rank, world_size=self.world_size, epoch=0, provider=self.provider):
+        for batch in build_loader(
+            val, rank=self.rank, world_size=self.world_size, epoch=0, provider=self.provider
+        ):
             images = batch["images"].to(self.device)
             logits = self.model(images[:, 0], self._superpixels(batch, images)[:, 0])
             correct += top1_correct(logits, batch["label"].to(self.device))
@@ -301,18 +343,23 @@ class _Window:
         self.loss_sum = loss.float() if self.loss_sum is None else self.loss_sum + loss.float()
         self.batches += 1
         self.images += images
-        if correct >= 0:   # -1: the objective has no labels to score
+        if correct >= 0:  # -1: the objective has no labels to score
             self.classify = True
             self.correct += correct
 
     def summary(self, world_size: int, device: torch.device) -> dict:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         loss = float(self.loss_sum) if self.loss_sum is not None else 0.0
-        totals = _all_reduce_sum(torch.tensor([loss, self.batches, self.images, self.correct],
-                                              dtype=torch.float64, device=device))
+        totals = _all_reduce_sum(
+            torch.tensor([loss, self.batches, self.images, self.correct], dtype=torch.float64, device=device)
+        )
         loss_sum, batches, images, correct = totals.tolist()
-        summary = {"loss": loss_sum / max(batches, 1), "lr": self.lr, "images_per_s": images / elapsed,
-                   "data_wait_frac": self.wait / elapsed}
+        summary = {
+            "loss": loss_sum / max(batches, 1),
+            "lr": self.lr,
+            "images_per_s": images / elapsed,
+            "data_wait_frac": self.wait / elapsed,
+        }
         if self.classify:
             summary["train_top1"] = 100.0 * correct / max(images, 1)
         return summary

@@ -97,15 +97,21 @@ class SupervisedObjective:
     def __init__(self, cfg: SupervisedConfig):
         self.mixup = None
         if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
-            self.mixup = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mix_prob,
-                               switch_prob=cfg.switch_prob, label_smoothing=cfg.label_smoothing,
-                               num_classes=cfg.num_classes)
+            self.mixup = Mixup(
+                mixup_alpha=cfg.mixup_alpha,
+                cutmix_alpha=cfg.cutmix_alpha,
+                prob=cfg.mix_prob,
+                switch_prob=cfg.switch_prob,
+                label_smoothing=cfg.label_smoothing,
+                num_classes=cfg.num_classes,
+            )
             self.criterion = SoftTargetCrossEntropy()
         else:
             self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    def __call__(self, model: nn.Module, images: torch.Tensor, superpixels: torch.Tensor,
-                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, model: nn.Module, images: torch.Tensor, superpixels: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (loss, logits); ``images`` [B,3,H,W]."""
         targets = labels
         if self.mixup is not None:
@@ -117,14 +123,21 @@ class SupervisedObjective:
 def prepare_linear_probe(model: nn.Module, backbone_state: dict[str, torch.Tensor]) -> nn.Module:
     """Load a MoCo base encoder (minus its projector) into ``model``, freeze all but a fresh head."""
     prefix = "base_encoder."
-    weights = {k[len(prefix):]: v for k, v in backbone_state.items()
-               if k.startswith(prefix) and not k.startswith(prefix + "head.")}
+    weights = {
+        k[len(prefix) :]: v
+        for k, v in backbone_state.items()
+        if k.startswith(prefix) and not k.startswith(prefix + "head.")
+    }
     if not weights:
-        raise ValueError("linear.pretrained: the checkpoint holds no 'base_encoder.*' weights (not a MoCo run?)")
+        raise ValueError(
+            "linear.pretrained: the checkpoint holds no 'base_encoder.*' weights (not a MoCo run?)"
+        )
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if set(missing) != {"head.weight", "head.bias"} or unexpected:
-        raise ValueError(f"linear.pretrained: backbone does not match the model: missing {missing}, "
-                         f"unexpected {unexpected}")
+        raise ValueError(
+            f"linear.pretrained: backbone does not match the model: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith("head."))
     nn.init.normal_(model.head.weight, std=0.01)

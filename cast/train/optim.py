@@ -34,7 +34,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool) -> list[dict]:
-    """Trainable parameters; with ``exclude_bias_norm`` 1-D tensors and ``no_weight_decay()`` names get wd 0."""
+    """Trainable params; with ``exclude_bias_norm``, 1-D tensors and ``no_weight_decay()`` names get wd 0."""
     skip = set()
     if exclude_bias_norm:
         inner = getattr(model, "module", model)

@@ -27,25 +27,25 @@ SAMPLERS = ("loguniform", "uniform", "choice", "grid")
 
 @dataclass
 class AshaConfig:
-    max_t: int = 20                      # reports per trial at most (time_attr = training_iteration)
+    max_t: int = 20  # reports per trial at most (time_attr = training_iteration)
     grace_period: int = 2
     reduction_factor: int = 2
 
 
 @dataclass
 class SweepConfig:
-    base: str = ""                       # the job config every trial starts from
-    overrides: list[str] = field(default_factory=list)   # applied to the base for every trial
-    search: dict = field(default_factory=dict)           # dotted key -> {sampler: args}
-    num_samples: int = 4                 # samples per grid point
+    base: str = ""  # the job config every trial starts from
+    overrides: list[str] = field(default_factory=list)  # applied to the base for every trial
+    search: dict = field(default_factory=dict)  # dotted key -> {sampler: args}
+    num_samples: int = 4  # samples per grid point
     metric: str = "loss"
     mode: str = "min"
-    max_concurrent_trials: int = 0       # 0 = as many as the cluster fits
+    max_concurrent_trials: int = 0  # 0 = as many as the cluster fits
     asha: AshaConfig = field(default_factory=AshaConfig)
-    trial_driver_cpus: float = 0.05      # the trial's own driver process (> 0; its workers ask for theirs)
+    trial_driver_cpus: float = 0.05  # the trial's own driver process (> 0; its workers ask for theirs)
     storage_path: str = "outputs/sweeps"
     name: str = "sweep"
-    best_config: str = ""                # where to write the best trial's config ("" = <sweep folder>/best_config.yaml)
+    best_config: str = ""  # where to write the best trial's config ("" = <sweep folder>/best_config.yaml)
 
     def validate(self) -> None:
         if not self.base:
@@ -55,13 +55,15 @@ class SweepConfig:
         if self.mode not in ("min", "max"):
             raise ConfigError(f"mode: expected 'min' or 'max', got {self.mode!r}")
         if not self.trial_driver_cpus > 0:
-            raise ConfigError(f"trial_driver_cpus: expected > 0 (Ray needs a resource), got {self.trial_driver_cpus}")
+            raise ConfigError(
+                f"trial_driver_cpus: expected > 0 (Ray needs a resource), got {self.trial_driver_cpus}"
+            )
         if self.num_samples < 1:
             raise ConfigError(f"num_samples: expected >= 1, got {self.num_samples}")
         base = base_config(self)
         for key, spec in self.search.items():
             sampler, args = _sampler(key, spec)
-            for value in args:   # range ends or every listed value: each must make a valid job config
+            for value in args:  # range ends or every listed value: each must make a valid job config
                 trial_config(base, {key: value})
 
     def resolved_storage_path(self) -> str:
@@ -127,11 +129,16 @@ def run_sweep(sweep: SweepConfig):
         tune.with_resources(trial_driver, {"CPU": sweep.trial_driver_cpus}),
         param_space=param_space(sweep),
         tune_config=tune.TuneConfig(
-            metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
+            metric=sweep.metric,
+            mode=sweep.mode,
+            num_samples=sweep.num_samples,
             max_concurrent_trials=sweep.max_concurrent_trials or None,
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=sweep.asha.max_t,
-                                    grace_period=sweep.asha.grace_period,
-                                    reduction_factor=sweep.asha.reduction_factor),
+            scheduler=ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=sweep.asha.max_t,
+                grace_period=sweep.asha.grace_period,
+                reduction_factor=sweep.asha.reduction_factor,
+            ),
         ),
         run_config=tune.RunConfig(storage_path=sweep.resolved_storage_path(), name=sweep.name),
     )
@@ -150,8 +157,9 @@ def write_best_config(sweep: SweepConfig, base: TrainConfig, params: dict, folde
     parent = path.rsplit("/", 1)[0]
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    header = "".join(f"# sweep {sweep.name} best ({sweep.metric}, {sweep.mode}): {k} = {v}\n"
-                     for k, v in params.items())
+    header = "".join(
+        f"# sweep {sweep.name} best ({sweep.metric}, {sweep.mode}): {k} = {v}\n" for k, v in params.items()
+    )
     with fs.open(path, "w") as f:
         f.write(header + dump_config(cfg))
     return url
@@ -159,7 +167,9 @@ def write_best_config(sweep: SweepConfig, base: TrainConfig, params: dict, folde
 
 def _sampler(key: str, spec) -> tuple[str, list]:
     if not isinstance(spec, dict) or len(spec) != 1:
-        raise ConfigError(f"search.{key}: expected one sampler mapping like {{loguniform: [low, high]}}, got {spec!r}")
+        raise ConfigError(
+            f"search.{key}: expected one sampler mapping like {{loguniform: [low, high]}}, got {spec!r}"
+        )
     sampler, args = next(iter(spec.items()))
     if sampler not in SAMPLERS:
         raise ConfigError(f"search.{key}: unknown sampler {sampler!r}; expected one of {SAMPLERS}")
@@ -167,7 +177,9 @@ def _sampler(key: str, spec) -> tuple[str, list]:
         raise ConfigError(f"search.{key}.{sampler}: expected a non-empty list, got {args!r}")
     if sampler in ("loguniform", "uniform"):
         if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or not args[0] < args[1]:
-            raise ConfigError(f"search.{key}.{sampler}: expected [low, high] numbers with low < high, got {args!r}")
+            raise ConfigError(
+                f"search.{key}.{sampler}: expected [low, high] numbers with low < high, got {args!r}"
+            )
         if sampler == "loguniform" and args[0] <= 0:
             raise ConfigError(f"search.{key}.loguniform: low must be > 0, got {args[0]!r}")
     return sampler, args
