@@ -72,6 +72,14 @@ def test_two_workers_match_one_worker_with_twice_the_batch(ray_local, shards, tm
     ]
     assert len(moved) > 10  # the step really changed the weights, far beyond the tolerance above
 
+    # a new run continues the 1-worker run from its folder: only epoch 2 is trained (one new checkpoint)
+    cont = _supervised(shards, str(tmp_path), "continued", 1, 8)
+    cont.schedule.epochs = 2
+    cont.checkpoint.resume_from = str(tmp_path / "w1")
+    assert fit(cont).metrics["step"] == 2
+    names = sorted(p.name for p in (tmp_path / "continued").glob("checkpoint_epoch*"))
+    assert names == ["checkpoint_epoch0002_step000000002"]
+
 
 def test_asha_sweep_writes_a_usable_best_config(ray_local, shards, tmp_path, monkeypatch):
     monkeypatch.chdir(CONFIGS.parents[1])

@@ -12,7 +12,8 @@ import time
 import fsspec
 from ray.train import UserCallback
 
-from cast.config import dump_config
+from cast.config import ConfigError, dump_config
+from cast.train.checkpoint import latest_checkpoint
 from cast.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,17 @@ def default_run_name(cfg: TrainConfig) -> str:
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill in what the run needs fixed before workers start (its name); validates."""
+    """Validate (incl. that named checkpoints exist) and fix the run name, before any worker starts."""
     cfg.validate()
+    for key, location in (
+        ("linear.pretrained", cfg.linear.pretrained if cfg.objective == "linear" else ""),
+        ("checkpoint.resume_from", cfg.checkpoint.resume_from),
+    ):
+        if location:
+            try:
+                latest_checkpoint(location)
+            except (FileNotFoundError, OSError) as e:
+                raise ConfigError(f"{key}: {e}") from e
     if not cfg.ray.name:
         cfg.ray.name = default_run_name(cfg)
     return cfg
