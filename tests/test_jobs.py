@@ -83,30 +83,30 @@ def test_submitted_pretraining_survives_a_killed_worker(ray_head, s3_server, tmp
         "env_vars": s3_server.env,
         "excludes": [".git", ".venv", "/outputs/", "__pycache__", ".pytest_cache", ".ruff_cache"],
     }
-    submit = subprocess.run(
-        [
-            f"{Path(sys.executable).parent}/ray",
-            "job",
-            "submit",
-            "--address",
-            ray_head.address,
-            "--no-wait",
-            "--runtime-env-json",
-            json.dumps(runtime_env),
-            "--",
-            "python",
-            "-m",
-            "jobs.pretrain",
-            "--config",
-            TINY,
-            *overrides,
-        ],
-        env=ray_head.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    command = [
+        f"{Path(sys.executable).parent}/ray",
+        "job",
+        "submit",
+        "--address",
+        ray_head.address,
+        "--no-wait",
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        "python",
+        "-m",
+        "jobs.pretrain",
+        "--config",
+        TINY,
+        *overrides,
+    ]
+    for _ in range(30):  # a fresh head answers HTTP before its job agent is up ("No available agent")
+        submit = subprocess.run(
+            command, env=ray_head.env, capture_output=True, text=True, timeout=120, cwd=REPO
+        )
+        if "No available agent" not in submit.stderr:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, submit.stdout + submit.stderr
     job_id = re.search(r"Job '([^']+)' submitted successfully", submit.stdout + submit.stderr).group(1)
     client = ray_head.client()
