@@ -131,3 +131,24 @@ def test_load_model_from_state_dict_and_mismatch(tmp_path):
     assert not loaded.training
     with pytest.raises(ValueError, match="tiny.pth: does not fit cast_tiny"):
         load_model("cast_tiny", str(path), embed_dim=96)
+
+
+def test_load_model_from_a_moco_training_run(tmp_path):
+    from cast.models import create_model
+    from cast.train.checkpoint import COMPLETE_MARKER, Position, checkpoint_name, write_checkpoint
+    from cast.train.config import MocoConfig
+    from cast.train.objectives import MoCo
+
+    moco = MoCo(create_model("cast_tiny", num_classes=0), MocoConfig(dim=16, mlp_dim=32))
+    run = tmp_path / "run"
+    for step, scale in ((1, 0.0), (2, 1.0)):  # the newer complete checkpoint is the one loaded
+        folder = run / checkpoint_name(Position(step=step))
+        folder.mkdir(parents=True)
+        state = {k: v * scale for k, v in moco.state_dict().items()} if scale == 0.0 else moco.state_dict()
+        write_checkpoint(str(folder), {"model": state}, "model: {}\n")
+        (folder / COMPLETE_MARKER).write_text("ok\n")
+    (run / checkpoint_name(Position(step=3))).mkdir()  # an interrupted upload: no marker, ignored
+    loaded = load_model("cast_tiny", str(run)).state_dict()
+    for key, value in moco.base_encoder.state_dict().items():
+        if not key.startswith("head."):
+            torch.testing.assert_close(loaded[key], value, msg=key)

@@ -85,6 +85,18 @@ def test_remainder_rule_with_uneven_shards(tmp_path):
     assert len(dropped) == len(dropped_next) == 7
 
 
+def test_evaluation_pass_reads_every_sample_once_with_short_batches(tmp_path):
+    make_imagefolder(tmp_path / "src", num_classes=3, per_class=29, size=32)  # 87 samples: 8 x 10 + 7
+    build_shards(str(tmp_path / "src"), str(tmp_path / "s"), "imagefolder", max_count=10, progress=False)
+    cfg = _config(str(tmp_path / "s"), batch_size=4, shuffle=False, drop_remainder=False)
+    loaders = [build_loader(cfg, rank=r, world_size=2, epoch=0) for r in range(2)]
+    ranks = [list(loader) for loader in loaders]
+    keys = _keys(ranks[0]) + _keys(ranks[1])
+    assert sorted(keys) == sorted(_all_keys(tmp_path / "src"))  # all 87, none twice, none dropped
+    assert [len(batches) for batches in ranks] == [len(loader) for loader in loaders]
+    assert any(len(batch["key"]) < 4 for batches in ranks for batch in batches)
+
+
 def _all_keys(root: Path) -> list[str]:
     return [f"{p.parent.name}/{p.stem}" for p in root.rglob("*.jpg")]
 

@@ -107,12 +107,14 @@ def test_seeds_fast_upsamples_a_half_resolution_map(photos, labels):
 def test_seeds_presets_and_odd_sizes():
     photo = cv2.resize(q.calibration_photos()["coffee"], (256, 256), interpolation=cv2.INTER_AREA)
     assert get_provider("seeds", preset="segmentation")(photo).max() + 1 == 256  # one per 16x16 pixels
-    for height, width in ((32, 32), (61, 97)):
+    for height, width in ((8, 8), (16, 24), (32, 32), (48, 48), (61, 97)):  # tiny views crashed OpenCV
         view = cv2.resize(photo, (width, height))
         for name in ("seeds", "seeds_fast"):
             label_map = get_provider(name)(view)
             assert label_map.shape == (height, width)
             assert np.array_equal(np.unique(label_map), np.arange(label_map.max() + 1))
+    with pytest.raises(ValueError, match="view 4x64 is below SEEDS' minimum of 8 pixels"):
+        get_provider("seeds_fast")(photo[:4, :64])
 
 
 def test_seeds_fast_meets_quality_gates_on_augmented_views():

@@ -20,6 +20,9 @@ class DataConfig:
     superpixels: str = "seeds_fast"  # provider name for cast.superpixels.get_provider ("" = none)
     superpixel_params: dict = field(default_factory=dict)
     prefetch_factor: int = 2
+    # False: one pass, every sample exactly once, short last batches, ranks may differ in batch count.
+    # For evaluation only: a DDP training step needs every rank to agree (see the remainder rule).
+    drop_remainder: bool = True
 
     def validate(self) -> None:
         """Fail early, naming the field, before any worker or cluster resource starts."""

@@ -11,6 +11,8 @@ Splitting and the remainder rule (why: DDP deadlocks when ranks disagree on the 
   samples) wraps around to its own first samples. With equal shards and N divisible by W*B every
   sample appears exactly once per epoch.
 - Fewer shards than W*P readers is an error (a reader with no shard would have nothing to give).
+- ``drop_remainder=False`` (evaluation) reads each reader's shards once instead: every sample exactly
+  once, the last batch of a reader may be short, and batch counts may differ between ranks.
 
 Batches follow the contract (``images`` [B,V,3,H,W] float32, ``superpixels`` [B,V,H,W] int64 for
 CPU providers, ``label`` [B], ``mask`` [B,H,W] for segmentation, ``key``) plus ``stats``: the
@@ -90,7 +92,11 @@ class ShardStream(IterableDataset):
         self.readers = assign_shards(
             shard_list.shards, world_size * self.num_workers, cfg.seed, epoch, cfg.shuffle
         )
-        self.total = batches_per_rank(shard_list.num_samples, world_size, cfg.batch_size)
+        if cfg.drop_remainder:
+            self.total = batches_per_rank(shard_list.num_samples, world_size, cfg.batch_size)
+        else:
+            own = self.readers[rank * self.num_workers : (rank + 1) * self.num_workers]
+            self.total = sum(-(-sum(s.num_samples for s in shards) // cfg.batch_size) for shards in own)
         if self.total == 0:
             raise ValueError(
                 f"{shard_list.num_samples} samples give no batch of {cfg.batch_size} on each of "
@@ -124,7 +130,10 @@ class ShardStream(IterableDataset):
         np.random.seed(rng.getrandbits(32))
         counters = Counters()
         self._reported: set[str] = set()
-        samples = self._raw_samples(shards, rng, counters)
+        samples = self._raw_samples(shards, rng, counters, once=not self.cfg.drop_remainder)
+        if not self.cfg.drop_remainder:
+            yield from self._single_pass(samples, counters)
+            return
         for _ in range(skipped * self.cfg.batch_size):  # resume: skip raw bytes, no decode
             next(samples)
         for _ in range(own - skipped):
@@ -133,14 +142,33 @@ class ShardStream(IterableDataset):
                 decoded = self._decode(next(samples), counters)
                 if decoded is not None:
                     batch.append(decoded)
-            out = self._collate(batch)
-            out["stats"] = dict(counters)
-            out["skipped"] = list(counters.messages)
-            counters.clear()
-            yield out
+            yield self._finish_batch(batch, counters)
 
-    def _raw_samples(self, shards: list[Shard], rng: random.Random, counters: Counters) -> Iterator[dict]:
-        """Endless stream over this reader's shards through a shuffle buffer; each pass is one round."""
+    def _finish_batch(self, batch: list[dict], counters: Counters) -> dict:
+        """Collate, attaching the skip counters gathered since the previous batch."""
+        out = self._collate(batch)
+        out["stats"] = dict(counters)
+        out["skipped"] = list(counters.messages)
+        counters.clear()
+        return out
+
+    def _single_pass(self, samples: Iterator[dict], counters: Counters) -> Iterator[dict]:
+        """Every sample of this reader's shards once (the first round), in batches; the last may be short."""
+        batch: list[dict] = []
+        for sample in samples:
+            decoded = self._decode(sample, counters)
+            if decoded is not None:
+                batch.append(decoded)
+            if len(batch) == self.cfg.batch_size:
+                yield self._finish_batch(batch, counters)
+                batch = []
+        if batch:
+            yield self._finish_batch(batch, counters)
+
+    def _raw_samples(
+        self, shards: list[Shard], rng: random.Random, counters: Counters, once: bool = False
+    ) -> Iterator[dict]:
+        """Stream over this reader's shards through a shuffle buffer, endless unless ``once``."""
         buffer_size = self.cfg.shuffle_buffer if self.cfg.shuffle else 0
         round_index = 0
         while True:
@@ -163,6 +191,8 @@ class ShardStream(IterableDataset):
                         yield sample
             rng.shuffle(buffer)
             yield from buffer
+            if once:
+                return
             if produced == 0:
                 raise RuntimeError(
                     f"rank {self.rank} reader {self.rank * self.num_workers + self._role()}: no usable "

@@ -1,19 +1,23 @@
 """Build a CAST model for evaluation or inference from a checkpoint (path or any fsspec URL).
 
-Accepted: a state dict in our key names (bare, or under ``model``/``state_dict``, ``module.`` prefixes
-allowed), or a released original checkpoint (MoCo ``.pth.tar``, DeiT ``.pth``, linear-probe, Segmenter,
-SPML) through ``cast.models.load_original_checkpoint``. The backbone must load completely; heads and
-projectors may be absent (the encoder's embedding is what we evaluate).
+Accepted: a training checkpoint of ours (a ``checkpoint_*`` folder, or a run folder: its newest
+complete checkpoint; a MoCo run contributes its base encoder); a state dict in our key names (bare,
+or under ``model``/``state_dict``, ``module.`` prefixes allowed); or a released original checkpoint
+(MoCo ``.pth.tar``, DeiT ``.pth``, linear-probe, Segmenter, SPML) through
+``cast.models.load_original_checkpoint``. The backbone must load completely; heads and projectors may
+be absent (the encoder's embedding is what we evaluate).
 """
 
 from __future__ import annotations
 
 import logging
 
+import fsspec
 import torch
 
 from cast.models import CAST, create_model, load_original_checkpoint
 from cast.models.original_checkpoint import read_checkpoint
+from cast.train.checkpoint import latest_checkpoint, read_state
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +35,20 @@ def own_state_dict(checkpoint: dict, model: CAST) -> dict[str, torch.Tensor] | N
     if not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return None
     state = {k.removeprefix("module."): v for k, v in checkpoint.items()}
+    encoder = "base_encoder."  # a MoCo run: the query encoder is the one evaluated (as the reference does)
+    if any(k.startswith(encoder) for k in state):
+        state = {k.removeprefix(encoder): v for k, v in state.items() if k.startswith(encoder)}
     ours = model.state_dict()
     return state if sum(k in state for k in ours) >= 0.9 * len(ours) else None
 
 
 def _load(checkpoint_url: str, model: CAST) -> tuple[list[str], list[str], str]:
     """Load weights; returns (missing backbone keys, mismatched keys, description)."""
-    checkpoint = read_checkpoint(checkpoint_url)
+    fs, path = fsspec.core.url_to_fs(checkpoint_url)
+    if fs.isdir(path):
+        checkpoint = read_state(latest_checkpoint(checkpoint_url))
+    else:
+        checkpoint = read_checkpoint(checkpoint_url)
     state = own_state_dict(checkpoint, model)
     if state is None:
         report = load_original_checkpoint(checkpoint, model)

@@ -1,10 +1,12 @@
-"""Evaluation batches from shards, through the data package's loader (eval recipe, one view, no shuffle)."""
+"""Evaluation batches from shards, through the data package's loader (eval recipe, one view, no shuffle,
+every sample exactly once)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from cast.data import DataConfig, build_loader
 from cast.eval.images import read_shard_info
 from cast.superpixels import SuperpixelProvider
 
@@ -26,11 +28,6 @@ class ShardBatches:
         return list(classes)
 
     def batches(self, url: str) -> Iterable[dict]:
-        try:
-            from cast.data import DataConfig, build_loader
-        except ImportError as error:
-            raise RuntimeError("evaluation reads shards through cast.data.build_loader, which is not in this "
-                               "checkout yet") from error
         config = DataConfig(shards=url, recipe="eval", image_size=self.size, batch_size=self.batch_size,
-                            num_workers=self.workers)
+                            num_workers=self.workers, shuffle=False, drop_remainder=False, superpixels="")
         return build_loader(config, rank=0, world_size=1, epoch=0, provider=self.provider)

@@ -32,6 +32,9 @@ SEEDS_PRESETS: dict[str, dict] = {
 }
 
 
+MIN_SIDE = 8  # OpenCV's SEEDS hangs on views of a few pixels; downscaling stops here
+
+
 @dataclasses.dataclass
 class SeedsProvider(SuperpixelProvider):
     """SEEDS on each view (CPU, per view in the data loader).
@@ -80,11 +83,18 @@ class SeedsProvider(SuperpixelProvider):
     def __call__(self, image: np.ndarray) -> np.ndarray:
         check_uint8_image(image)
         height, width = image.shape[:2]
-        small_h, small_w = max(1, round(height / self.downscale)), max(1, round(width / self.downscale))
+        if min(height, width) < MIN_SIDE:
+            raise ValueError(
+                f"{self.name}: view {height}x{width} is below SEEDS' minimum of {MIN_SIDE} pixels a side"
+            )
+        small_h = min(height, max(MIN_SIDE, round(height / self.downscale)))
+        small_w = min(width, max(MIN_SIDE, round(width / self.downscale)))
         if (small_h, small_w) != (height, width):
             image = cv2.resize(image, (small_w, small_h), interpolation=cv2.INTER_AREA)
         lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
-        engine = self._engine(small_w, small_h, self._requested_count(height, width))
+        # OpenCV's SEEDS crashes when asked for superpixels smaller than ~2x2 pixels (tiny views).
+        count = min(self._requested_count(height, width), max(1, small_h * small_w // 4))
+        engine = self._engine(small_w, small_h, count)
         engine.iterate(lab, self.iterations)
         labels = relabel_contiguous(engine.getLabels())
         if (small_h, small_w) != (height, width):
