@@ -48,6 +48,32 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
+JOB_CONFIGS = {"pretrain": "TrainConfig", "train": "TrainConfig", "linear_probe": "TrainConfig",
+               "sweep": "SweepConfig"}
+
+
+def assert_valid_job_command(argv: list[str]) -> None:
+    """``python -m jobs.X --config Y key=value ...`` names a shipped config and only real, typed keys."""
+    from cast.config import load_config
+    from cast.train.config import TrainConfig
+    from cast.tune import SweepConfig
+
+    classes = {"TrainConfig": TrainConfig, "SweepConfig": SweepConfig}
+    module, config_path, overrides = argv[2], argv[4], argv[5:]
+    job = module.removeprefix("jobs.")
+    assert job in JOB_CONFIGS, f"unknown job module {module}"
+    assert (ROOT / config_path).is_file(), f"{config_path} is not shipped"
+    load_config(classes[JOB_CONFIGS[job]], str(ROOT / config_path), overrides)  # raises on a wrong key/type
+
+
+def test_cluster_readme_job_commands_use_real_config_keys():
+    commands = [line.split(" -- ", 1)[1] for line in (CLUSTER / "README.md").read_text().splitlines()
+                if "ray job submit" in line and " -- python -m jobs." in line]
+    assert len(commands) >= 4
+    for command in commands:
+        assert_valid_job_command(shlex.split(command))
+
+
 def validated(raw: dict) -> dict:
     config = prepare_config(copy.deepcopy(raw))  # merges the provider's bundled defaults.yaml
     validate_config(config)
@@ -306,8 +332,7 @@ def test_rayjob_entrypoint_and_runtime_env(name):
     assert module == f"jobs.{name}"
     assert re.fullmatch(r"jobs/configs/[a-z0-9_]+\.yaml", config_path)
     assert all(re.fullmatch(r"[a-z_]+(\.[a-z_]+)+=\S+", o) for o in overrides), overrides
-    if (ROOT / "jobs" / f"{name}.py").exists():  # once the job exists, its shipped config must too
-        assert (ROOT / config_path).is_file(), f"{config_path} named by {RAYJOBS[name].name} is missing"
+    assert_valid_job_command(argv)
 
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     RuntimeEnv(**runtime_env)
