@@ -33,6 +33,7 @@ lint: install
 
 bench: install
 	$(PY) -m benchmarks.model
+	$(PY) -m benchmarks.superpixels
 	$(PY) -m benchmarks.data
 
 # make shards SRC=/data/imagenet/train DEST=s3://bucket/imagenet/train LAYOUT=imagefolder
