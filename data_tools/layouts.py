@@ -80,19 +80,25 @@ def _imagefolder(rel: dict[str, tuple[str, int]]) -> tuple[list[SourceSample], l
     return samples, classes
 
 
+def _images_and_masks(
+    rel: dict[str, tuple[str, int]], image_folder: str, mask_folder: str
+) -> tuple[dict[str, tuple[str, int]], dict[str, tuple[str, int]]]:
+    """Images under ``image_folder`` and PNG masks under ``mask_folder``, each keyed by file stem."""
+
+    def by_stem(folder: str, wanted) -> dict[str, tuple[str, int]]:
+        return {
+            posixpath.splitext(r.split("/", 1)[1])[0]: v
+            for r, v in rel.items()
+            if r.startswith(folder) and wanted(r)
+        }
+
+    return by_stem(image_folder, _is_image), by_stem(mask_folder, lambda r: r.endswith(".png"))
+
+
 def _voc(
     fs, root: str, rel: dict[str, tuple[str, int]], split_list: str | None
 ) -> tuple[list[SourceSample], list[str]]:
-    images = {
-        posixpath.splitext(r.split("/", 1)[1])[0]: v
-        for r, v in rel.items()
-        if r.startswith("JPEGImages/") and _is_image(r)
-    }
-    masks = {
-        posixpath.splitext(r.split("/", 1)[1])[0]: v
-        for r, v in rel.items()
-        if r.startswith("SegmentationClass/") and r.endswith(".png")
-    }
+    images, masks = _images_and_masks(rel, "JPEGImages/", "SegmentationClass/")
     if split_list:
         with (
             fsspec.open(split_list, "rt")
@@ -113,16 +119,7 @@ def _voc(
 
 
 def _ade20k(rel: dict[str, tuple[str, int]]) -> tuple[list[SourceSample], list[str]]:
-    images = {
-        posixpath.splitext(r.split("/", 1)[1])[0]: v
-        for r, v in rel.items()
-        if r.startswith("images/") and _is_image(r)
-    }
-    masks = {
-        posixpath.splitext(r.split("/", 1)[1])[0]: v
-        for r, v in rel.items()
-        if r.startswith("annotations/") and r.endswith(".png")
-    }
+    images, masks = _images_and_masks(rel, "images/", "annotations/")
     unmatched = sorted(set(images) ^ set(masks))
     if unmatched:
         raise FileNotFoundError(
