@@ -1,0 +1,151 @@
+"""A real Ray head on 127.0.0.1 for one machine: the demo's cluster and the tests' ``ray job submit`` target.
+
+``ray start --head --block`` runs in its own process group with free ports for every server and agent
+(another Ray on this machine, an in-process test cluster or another user's, may hold the defaults, and
+a job agent that cannot bind never accepts jobs). It is stopped by that group's id, not ``ray stop``,
+which would also stop other people's clusters. Every Ray process gets ``RAY_ENV``: without
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray binds the machine's interface address even when told
+127.0.0.1. The venv's bin goes first on PATH, so ``python`` in a job is this interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayHead:
+    address: str  # the dashboard / job-submission address
+    env: dict[str, str]  # environment for the `ray` CLI and job drivers (RAY_ADDRESS set)
+    temp_dir: str
+    pid: int  # of `ray start --block`, also its process group id
+    log: str  # ray start's output
+
+    def client(self):
+        """A ``JobSubmissionClient`` sending the cluster's token itself (a Ray already used in this process
+        has fixed its own auth mode and token)."""
+        from ray.job_submission import JobSubmissionClient
+
+        token = Path(self.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+        return JobSubmissionClient(self.address, headers={"authorization": f"Bearer {token}"})
+
+
+@contextmanager
+def local_ray_head(
+    num_cpus: int = 2, object_store_memory: int = 512 * 1024**2, ready_timeout: float = 90.0
+) -> Iterator[RayHead]:
+    """Start a head on 127.0.0.1, yield it once its dashboard and job agent answer, stop it on exit
+    (also after an exception or Ctrl-C)."""
+    temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port, dash_port, agent_port = free_port(), free_port(), free_port()
+    # Token auth with this cluster's own token: `ray start` refuses token mode without one, and
+    # ~/.ray/auth_token (Ray's default) is absent on a fresh machine and shared with other clusters.
+    token_path = Path(temp_dir) / "auth_token"
+    token_path.write_text(secrets.token_hex(32))
+    token_path.chmod(0o600)
+    env = {
+        **os.environ,
+        **RAY_ENV,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_path),
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+    }
+    env.pop("RAY_AUTH_TOKEN", None)  # would take precedence over the file
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        f"{VENV_BIN}/ray", "start", "--head", "--block",
+        "--node-ip-address", "127.0.0.1",
+        "--port", str(port),
+        "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(dash_port),
+        "--dashboard-agent-listen-port", str(agent_port),
+        "--dashboard-agent-grpc-port", str(free_port()),
+        "--metrics-export-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()),
+        "--num-cpus", str(num_cpus),
+        "--object-store-memory", str(object_store_memory),
+        "--temp-dir", temp_dir,
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    log_path = Path(temp_dir) / "ray_start.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash_port}"
+    try:
+        _wait_ready(address, agent_port, proc, log_path, ready_timeout)
+        yield RayHead(address, {**env, "RAY_ADDRESS": address}, temp_dir, proc.pid, str(log_path))
+    finally:
+        stop_process_group(proc)
+
+
+def _wait_ready(address: str, agent_port: int, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """The dashboard answers HTTP and the job agent listens (before that, submissions fail with
+    "No available agent")."""
+    deadline = time.monotonic() + timeout
+    dashboard_up = False
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()}")
+        if not dashboard_up:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                dashboard_up = True
+            except urllib.error.HTTPError:  # answered (401 without Ray's auth token): it is up
+                dashboard_up = True
+            except OSError:
+                pass
+        if dashboard_up:
+            try:
+                socket.create_connection(("127.0.0.1", agent_port), timeout=2).close()
+                return
+            except OSError:
+                pass
+        time.sleep(0.5)
+    raise TimeoutError(f"Ray head at {address} not ready after {timeout}s:\n{log.read_text()}")
+
+
+def stop_process_group(proc: subprocess.Popen, term_wait: float = 10.0) -> None:
+    """SIGTERM the group led by ``proc`` (ray start stops its children), SIGKILL what is left, reap."""
+    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 5.0)):
+        if not _group_alive(proc):
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while _group_alive(proc) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    proc.wait(timeout=5)
+
+
+def _group_alive(proc: subprocess.Popen) -> bool:
+    proc.poll()  # reap the leader, else its zombie keeps the group "alive"
+    try:
+        os.killpg(proc.pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
