@@ -7,9 +7,11 @@ import timm
 import torch
 
 from cast.config import load_config
-from cast.train.checkpoint import latest_checkpoint, read_state
-from cast.train.config import TrainConfig
+from cast.eval.report import read_report, report_url
+from cast.train.checkpoint import COMPLETE_MARKER, latest_checkpoint, read_state, write_checkpoint
+from cast.train.config import MocoConfig, TrainConfig
 from cast.train.driver import fit
+from cast.train.objectives import MoCo
 from cast.tune.sweep import SweepConfig, run_sweep
 from data_tools.make_shards import build_shards
 from tests.fixtures.datasets import make_imagefolder
@@ -79,6 +81,51 @@ def test_two_workers_match_one_worker_with_twice_the_batch(ray_local, shards, tm
     assert fit(cont).metrics["step"] == 2
     names = sorted(p.name for p in (tmp_path / "continued").glob("checkpoint_epoch*"))
     assert names == ["checkpoint_epoch0002_step000000002"]
+
+
+def test_linear_probe_writes_its_top1_beside_the_pretrained_checkpoint(shards, tmp_path):
+    """The JSON ``jobs.evaluate`` picks up, beside the run folder named and the checkpoint it resolved to.
+    Ray Train's local mode (no worker actors) runs the real per-worker loop in this process, in seconds."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cast.train.loop import train_loop_per_worker
+
+    moco = MoCo(timm.create_model("cast_tiny", num_classes=0, img_size=64), MocoConfig(dim=16, mlp_dim=32))
+    pretrained = tmp_path / "moco"
+    checkpoint = pretrained / "checkpoint_epoch0001_step000000002"
+    checkpoint.mkdir(parents=True)
+    write_checkpoint(str(checkpoint), {"model": moco.state_dict()}, "objective: moco\n")
+    (checkpoint / COMPLETE_MARKER).write_text("ok\n")
+    cfg = load_config(
+        TrainConfig,
+        str(CONFIGS / "linear_cast_tiny.yaml"),
+        [
+            f"data.shards={shards}",
+            "data.batch_size=4",
+            f"linear.pretrained={pretrained}",
+            f"linear.val_shards={shards}",
+            "schedule.epochs=1",
+            "ray.num_workers=1",
+            f"ray.storage_path={tmp_path}",
+            "ray.name=probe",
+            "logging.tensorboard=false",
+        ],
+    )
+    cfg.validate()
+    assert cfg.data.recipe == "linear"
+    result = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg},
+        scaling_config=ScalingConfig(num_workers=0),
+        run_config=RunConfig(name="probe", storage_path=str(tmp_path)),
+    ).fit()
+    beside_run = read_report(report_url(str(pretrained), "linear_probe"))
+    beside_checkpoint = read_report(report_url(str(checkpoint), "linear_probe"))
+    assert beside_run is not None and beside_run == beside_checkpoint
+    assert beside_run["top1"] == pytest.approx(result.metrics["val_top1"])
+    assert 0 <= beside_run["top1"] <= 100 and beside_run["checkpoint"] == str(checkpoint)
+    assert beside_run["run"] == str(tmp_path / "probe")
 
 
 def test_asha_sweep_writes_a_usable_best_config(ray_local, shards, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Objectives, schedules and optimizer groups of cast.train, on real modules, in one process."""
 
 import math
+from pathlib import Path
 
 import pytest
 import timm
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import cast.models  # noqa: F401
-from cast.train.config import MocoConfig, OptimConfig, ScheduleConfig, SupervisedConfig
+from cast.config import load_config
+from cast.train.config import MocoConfig, OptimConfig, ScheduleConfig, SupervisedConfig, TrainConfig
 from cast.train.objectives import (
     MoCo,
     SupervisedObjective,
@@ -19,6 +21,8 @@ from cast.train.objectives import (
     prepare_linear_probe,
 )
 from cast.train.optim import build_optimizer, lr_at, param_groups, scaled_lr
+
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
 
 def test_contrastive_loss_matches_definition():
@@ -124,6 +128,13 @@ def test_linear_probe_freezes_backbone_and_inits_head():
     assert torch.equal(probe.state_dict()[key], moco.base_encoder.state_dict()[key])
     with pytest.raises(ValueError, match="base_encoder"):
         prepare_linear_probe(probe, {"x": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("name", ["linear_cast_tiny.yaml", "linear_cast_small_in1k.yaml"])
+def test_linear_probe_configs_train_with_the_reference_augmentation(name):
+    cfg = load_config(TrainConfig, str(CONFIGS / name), ["data.shards=/data", "linear.pretrained=/runs/moco"])
+    cfg.validate()
+    assert (cfg.objective, cfg.data.recipe) == ("linear", "linear")
 
 
 def test_weight_decay_exclusions():

@@ -12,6 +12,7 @@ from torchvision import transforms as T
 
 from cast.data.transforms import (
     IGNORE_INDEX,
+    LinearRecipe,
     MocoRecipe,
     RandomGaussianBlur,
     build_recipe,
@@ -26,7 +27,7 @@ def photo() -> Image.Image:
     return Image.fromarray(image.clip(0, 255).astype(np.uint8))
 
 
-@pytest.mark.parametrize("name", ["moco", "supervised", "eval"])
+@pytest.mark.parametrize("name", ["moco", "supervised", "eval", "linear", "linear_eval"])
 def test_views_and_tensors_follow_the_contract(name, photo):
     random.seed(0)
     torch.manual_seed(0)
@@ -50,6 +51,37 @@ def test_eval_is_deterministic_resize_then_centre_crop(photo):
     left = (resized.width - 56) // 2
     expected = np.asarray(resized)[4:60, left : left + 56]
     assert np.abs(first.astype(int) - expected.astype(int)).mean() < 2
+
+
+def test_linear_probe_recipe_is_the_reference_crop_and_flip_only(photo):
+    """MoCo v3 lincls (§5.2): RandomResizedCrop with torchvision's defaults, then a flip; no colour step."""
+    crop, flip = LinearRecipe(48).view.transforms
+    assert isinstance(crop, T.RandomResizedCrop) and isinstance(flip, T.RandomHorizontalFlip)
+    assert crop.size == (48, 48) and crop.scale == (0.08, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert crop.interpolation == T.InterpolationMode.BILINEAR and flip.p == 0.5
+    flat = Image.new("RGB", (100, 80), (200, 40, 90))
+    left_half_darker = []
+    torch.manual_seed(0)
+    recipe = build_recipe("linear", 48)
+    for _ in range(40):
+        (view,), _ = recipe.augment(flat)
+        assert (view == (200, 40, 90)).all()  # colours untouched: no jitter, grayscale, blur or solarize
+        (view,), _ = recipe.augment(photo.crop((0, 0, 48, 80)))  # x-gradient: flips reverse it
+        left_half_darker.append(view[:, :24].mean() < view[:, 24:].mean())
+    assert 10 < sum(left_half_darker) < 30  # about half the views flipped
+    crops = {recipe.augment(photo)[0][0].tobytes() for _ in range(5)}
+    assert len(crops) == 5  # a random crop each time
+
+
+def test_linear_eval_is_bilinear_resize_then_centre_crop(photo):
+    recipe = build_recipe("linear_eval", 56)
+    (view,), _ = recipe.augment(photo)
+    resized = photo.resize((int(100 * 64 / 80), 64), Image.BILINEAR)  # short side 56 * 256 / 224 = 64
+    left = (resized.width - 56) // 2
+    expected = np.asarray(resized)[4:60, left : left + 56]
+    assert np.abs(view.astype(int) - expected.astype(int)).mean() < 2
+    bicubic = build_recipe("eval", 56).augment(photo)[0][0]
+    assert not np.array_equal(view, bicubic)  # the DeiT eval (bicubic) is a different transform
 
 
 def test_moco_views_are_asymmetric_as_in_the_reference():

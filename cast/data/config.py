@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-RECIPES = ("moco", "supervised", "eval", "segmentation")
+RECIPES = ("moco", "supervised", "eval", "linear", "linear_eval", "segmentation")
 
 
 @dataclass
 class DataConfig:
     shards: str = ""  # folder/URL with _info.json, or a brace pattern of .tar URLs
-    recipe: str = "moco"  # moco | supervised | eval | segmentation
+    recipe: str = "moco"  # moco | supervised | eval | linear | linear_eval | segmentation
     image_size: int = 224
     batch_size: int = 64  # per rank
     num_workers: int = 4  # DataLoader worker processes per rank (0 = in the main process)

@@ -117,16 +117,29 @@ class SupervisedRecipe(Recipe):
 
 
 class EvalRecipe(Recipe):
-    """Resize(size * 256/224, bicubic) + CenterCrop(size)."""
+    """Resize(size * 256/224) + CenterCrop(size): bicubic as DeiT evaluates (§5.3); bilinear, torchvision's
+    default, for the linear probe's validation (``linear_eval``, MoCo v3 lincls, §5.2)."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, interpolation: T.InterpolationMode = T.InterpolationMode.BICUBIC):
         super().__init__(size)
         self.resize = T.Compose(
-            [T.Resize(int(size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
+            [T.Resize(int(size * 256 / 224), interpolation=interpolation), T.CenterCrop(size)]
         )
 
     def augment(self, image, mask=None):
         return [_to_uint8(self.resize(image))], None
+
+
+class LinearRecipe(Recipe):
+    """Linear-probe training view (§5.2, MoCo v3 lincls): RandomResizedCrop(size) with torchvision's
+    defaults (scale 0.08-1, ratio 3/4-4/3, bilinear) + horizontal flip, no colour or blur."""
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.view = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()])
+
+    def augment(self, image, mask=None):
+        return [_to_uint8(self.view(image))], None
 
 
 class SegmentationRecipe(Recipe):
@@ -162,6 +175,8 @@ def build_recipe(name: str, size: int) -> Recipe:
         "moco": MocoRecipe,
         "supervised": SupervisedRecipe,
         "eval": EvalRecipe,
+        "linear": LinearRecipe,
+        "linear_eval": lambda size: EvalRecipe(size, T.InterpolationMode.BILINEAR),
         "segmentation": SegmentationRecipe,
     }
     if name not in factories:

@@ -161,9 +161,9 @@ class TrainConfig:
             _check(0 <= self.moco.momentum <= 1, "moco.momentum", "in [0, 1]", self.moco.momentum)
         else:
             _check(
-                self.data.recipe in ("supervised", "eval"),
+                self.data.recipe in ("supervised", "eval", "linear", "linear_eval"),
                 "data.recipe",
-                "'supervised' or 'eval' for a classification objective",
+                "'supervised', 'eval', 'linear' or 'linear_eval' for a classification objective",
                 self.data.recipe,
             )
             classes = (

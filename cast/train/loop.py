@@ -28,6 +28,7 @@ import cast.models  # noqa: F401  (registers cast_* with timm)
 from cast.config import dump_config
 from cast.data import build_loader
 from cast.data.config import DataConfig
+from cast.eval.report import report_url, write_report
 from cast.train.checkpoint import (
     Position,
     checkpoint_name,
@@ -98,8 +99,8 @@ class Trainer:
         classes = cfg.supervised.num_classes if cfg.objective == "supervised" else cfg.linear.num_classes
         model = timm.create_model(cfg.model.name, num_classes=classes, **cfg.model.kwargs)
         if cfg.objective == "linear":
-            state = read_state(latest_checkpoint(cfg.linear.pretrained))
-            prepare_linear_probe(model, state["model"])
+            self.pretrained = latest_checkpoint(cfg.linear.pretrained)
+            prepare_linear_probe(model, read_state(self.pretrained)["model"])
         return model
 
     def _restore(self) -> None:
@@ -172,6 +173,8 @@ class Trainer:
                     self._report(window, loader, with_checkpoint=checkpoint_due)
                     window = _Window()
             extra = self._evaluate_linear() if cfg.objective == "linear" and cfg.linear.val_shards else {}
+            if extra and epoch + 1 == cfg.schedule.epochs and self.rank == 0:
+                self._write_probe_result(extra["val_top1"])  # before the last report: a restart redoes both
             self.position = Position(
                 step=self.position.step, epoch=epoch + 1, batches_done=0, world_size=self.world_size
             )
@@ -304,13 +307,16 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate_linear(self) -> dict:
-        """Top-1 of the probe on ``linear.val_shards`` (each rank its share, summed over ranks)."""
+        """Top-1 of the probe on ``linear.val_shards``: each rank its share, every sample once (ranks may
+        differ in batch count, so the forward runs on the unwrapped module: no DDP collective per batch),
+        summed over ranks."""
         val = DataConfig(
             **{
                 **asdict(self.cfg.data),
                 "shards": self.cfg.linear.val_shards,
-                "recipe": "eval",
+                "recipe": "linear_eval",
                 "shuffle": False,
+                "drop_remainder": False,
             }
         )
         self.model.eval()
@@ -319,11 +325,26 @@ class Trainer:
             val, rank=self.rank, world_size=self.world_size, epoch=0, provider=self.provider
         ):
             images = batch["images"].to(self.device)
-            logits = self.model(images[:, 0], self._superpixels(batch, images)[:, 0])
+            logits = self.module(images[:, 0], self._superpixels(batch, images)[:, 0])
             correct += top1_correct(logits, batch["label"].to(self.device))
             total += images.shape[0]
         counts = _all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64, device=self.device))
         return {"val_top1": float(counts[0] / counts[1].clamp_min(1)) * 100.0}
+
+    def _write_probe_result(self, top1: float) -> None:
+        """``<pretrained>.linear_probe.json``, where ``jobs.evaluate`` looks for it: beside the location
+        ``linear.pretrained`` names and beside the checkpoint that resolved to, when they differ."""
+        cfg = self.cfg
+        result = {
+            "top1": top1,
+            "checkpoint": self.pretrained,
+            "val_shards": cfg.linear.val_shards,
+            "epochs": cfg.schedule.epochs,
+            "run": cfg.resolved_storage_path().rstrip("/") + "/" + cfg.ray.name,
+        }
+        for location in dict.fromkeys((cfg.linear.pretrained.rstrip("/"), self.pretrained)):
+            url = write_report(result, report_url(location, "linear_probe"))
+            print(f"[cast-train] linear probe val top-1 {top1:.2f}: {url}", flush=True)
 
 
 class _Window:
