@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import io
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import torch
 
-from cast.data import DataConfig, build_loader
+from cast.data import DataConfig, build_loader, shards
+from cast.data.shards import Counters, iter_shards, list_shards
 from data_tools.make_shards import build_shards
 from tests.fixtures.datasets import make_imagefolder, make_voc
 
@@ -160,6 +163,62 @@ def test_corrupt_image_missing_key_and_truncated_tar_are_skipped_and_counted(tmp
     assert loader.counters["truncated_shard"] == 1
     assert sum(sum(b["stats"].values()) for b in batches) == 3
     assert "train-000002.tar" in caplog.text and "train-000000.tar" in caplog.text
+
+
+def test_prefetched_s3_shards_match_streamed_ones_and_count_a_truncated_shard(tmp_path, s3_env, monkeypatch):
+    make_imagefolder(tmp_path / "src", num_classes=2, per_class=6, size=32)
+    dest = f"s3://{s3_env}/train"
+    build_shards(str(tmp_path / "src"), dest, "imagefolder", max_count=4, seed=5, progress=False)
+    urls = [shard.url for shard in list_shards(dest).shards]
+    with fsspec.open(urls[1], "rb") as handle:
+        data = handle.read()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        cut = tar.getmembers()[3].offset  # after the first sample (jpg, cls, json), before the second
+    with fsspec.open(urls[1], "wb") as handle:  # a cut tarfile alone would read as a clean, short end
+        handle.write(data[:cut])
+    fetched: list[str] = []
+
+    def spy(url: str) -> bytes:
+        fetched.append(url)
+        return real_fetch(url)
+
+    real_fetch = shards.fetch_shard
+    monkeypatch.setattr(shards, "fetch_shard", spy)
+    plain, ahead = Counters(), Counters()
+    streamed = list(iter_shards(urls, plain, prefetch=0))
+    assert fetched == []  # prefetch 0: the earlier path, streamed through fsspec
+    prefetched = list(iter_shards(urls, ahead, prefetch=2))
+    assert fetched == urls  # each shard fetched whole, once, in order
+    assert prefetched == streamed and len(streamed) == 8  # same samples, bytes, order; the cut shard's
+    # only sample was still in progress when the damage showed (its completeness unknown), so it is dropped
+    for counters in (plain, ahead):
+        assert counters == {"truncated_shard": 1} and urls[1] in counters.messages[0]
+
+    fetched.clear()
+    samples = iter_shards(urls, Counters(), prefetch=1)
+    next(samples)
+    deadline = time.monotonic() + 10
+    while len(fetched) < 2 and time.monotonic() < deadline:  # shard 1 downloads while shard 0 is read
+        time.sleep(0.01)
+    assert fetched == urls[:2]
+    samples.close()
+
+    loaders = {
+        depth: build_loader(
+            _config(dest, batch_size=2, num_workers=0, prefetch_shards=depth), rank=0, world_size=1, epoch=0
+        )
+        for depth in (0, 1)
+    }
+    epochs = {depth: list(loader) for depth, loader in loaders.items()}
+    assert _keys(epochs[0]) == _keys(epochs[1])
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(epochs[0], epochs[1]))
+    assert loaders[0].counters == loaders[1].counters == {"truncated_shard": 1}
+
+
+def test_local_shards_are_read_in_place(local_shards, monkeypatch):
+    monkeypatch.setattr(shards, "fetch_shard", lambda url: pytest.fail(f"{url} fetched whole"))
+    urls = [shard.url for shard in list_shards(local_shards).shards]
+    assert list(iter_shards(urls, Counters(), prefetch=2)) == list(iter_shards(urls, Counters(), prefetch=0))
 
 
 def test_moco_batches_with_seeds_fast_superpixels(local_shards):

@@ -20,6 +20,9 @@ class DataConfig:
     superpixels: str = "seeds_fast"  # provider name for cast.superpixels.get_provider ("" = none)
     superpixel_params: dict = field(default_factory=dict)
     prefetch_factor: int = 2
+    # remote shards fetched whole, this many ahead of the one parsed (0 = stream in 1 MiB reads);
+    # each reader (DataLoader worker) holds up to prefetch_shards + 1 shards in memory
+    prefetch_shards: int = 2
     # False: one pass, every sample exactly once, short last batches, ranks may differ in batch count.
     # For evaluation only: a DDP training step needs every rank to agree (see the remainder rule).
     drop_remainder: bool = True
@@ -33,8 +36,8 @@ class DataConfig:
         for name in ("image_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0")
+        if self.num_workers < 0 or self.shuffle_buffer < 0 or self.prefetch_shards < 0:
+            raise ValueError("data.num_workers, data.shuffle_buffer and data.prefetch_shards must be >= 0")
 
     @property
     def num_views(self) -> int:

@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cast.data.config import DataConfig
-from cast.data.shards import Counters, Shard, ShardList, image_key, iter_raw_samples, list_shards
+from cast.data.shards import Counters, Shard, ShardList, image_key, iter_shards, list_shards
 from cast.data.transforms import Recipe, build_recipe
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,8 @@ class ShardStream(IterableDataset):
     def _raw_samples(
         self, shards: list[Shard], rng: random.Random, counters: Counters, once: bool = False
     ) -> Iterator[dict]:
-        """Stream over this reader's shards through a shuffle buffer, endless unless ``once``."""
+        """Stream over this reader's shards (remote ones fetched ahead) through a shuffle buffer,
+        endless unless ``once``."""
         buffer_size = self.cfg.shuffle_buffer if self.cfg.shuffle else 0
         round_index = 0
         while True:
@@ -176,19 +177,19 @@ class ShardStream(IterableDataset):
             buffer: list[dict] = []
             first = round_index == 0  # damage is counted and logged on the first pass only
             tally = counters if first else Counters()
-            for shard in shards:
-                for sample in iter_raw_samples(shard.url, tally, report=first):
-                    if not self._complete(sample, tally, report=first):
-                        continue
-                    produced += 1
-                    if buffer_size > 1:
-                        buffer.append(sample)
-                        if len(buffer) >= buffer_size:
-                            index = rng.randrange(len(buffer))
-                            buffer[index], buffer[-1] = buffer[-1], buffer[index]
-                            yield buffer.pop()
-                    else:
-                        yield sample
+            urls = [shard.url for shard in shards]
+            for sample in iter_shards(urls, tally, report=first, prefetch=self.cfg.prefetch_shards):
+                if not self._complete(sample, tally, report=first):
+                    continue
+                produced += 1
+                if buffer_size > 1:
+                    buffer.append(sample)
+                    if len(buffer) >= buffer_size:
+                        index = rng.randrange(len(buffer))
+                        buffer[index], buffer[-1] = buffer[-1], buffer[index]
+                        yield buffer.pop()
+                else:
+                    yield sample
             rng.shuffle(buffer)
             yield from buffer
             if once:
