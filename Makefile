@@ -46,7 +46,7 @@ verify: install
 	$(PY) -m data_tools.verify_shards "$(DEST)"
 
 demo: install
-	$(PY) -m data_tools.demo
+	$(PY) -m jobs.demo
 
 clean:
 	rm -rf demo_out .pytest_cache

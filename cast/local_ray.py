@@ -74,7 +74,12 @@ def local_ray_head(
         "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
     }
     env.pop("RAY_AUTH_TOKEN", None)  # would take precedence over the file
-    env.pop("RAY_ADDRESS", None)
+    # Ray's own actors (e.g. Train's placement-group cleaner) find their cluster through RAY_ADDRESS, else
+    # by scanning for GCS processes, which fails when this machine runs other Ray clusters too.
+    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    # On SIGTERM the head first drains its node for up to 30 s (for Ray Serve traffic), and an actor that
+    # Ray Train leaves behind makes it wait that long; nothing here needs draining.
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     cmd = [
         f"{VENV_BIN}/ray", "start", "--head", "--block",
         "--node-ip-address", "127.0.0.1",
@@ -127,25 +132,36 @@ def _wait_ready(address: str, agent_port: int, proc: subprocess.Popen, log: Path
     raise TimeoutError(f"Ray head at {address} not ready after {timeout}s:\n{log.read_text()}")
 
 
-def stop_process_group(proc: subprocess.Popen, term_wait: float = 10.0) -> None:
-    """SIGTERM the group led by ``proc`` (ray start stops its children), SIGKILL what is left, reap."""
-    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 5.0)):
-        if not _group_alive(proc):
-            break
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
+def stop_process_group(proc: subprocess.Popen, term_wait: float = 15.0) -> None:
+    """SIGTERM the leader, SIGKILL what is left of its group after ``term_wait`` s, reap the leader.
+
+    Only the leader gets SIGTERM: ``ray start --block`` then stops its children in order (a few seconds),
+    while a SIGTERM to the whole group leaves raylet and GCS hanging until killed.
+    """
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    for sig, wait in ((None, term_wait), (signal.SIGKILL, 5.0)):
+        if sig is not None and group_alive(proc.pid):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
         deadline = time.monotonic() + wait
-        while _group_alive(proc) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader
+            if not group_alive(proc.pid):
+                break
             time.sleep(0.2)
     proc.wait(timeout=5)
 
 
-def _group_alive(proc: subprocess.Popen) -> bool:
-    proc.poll()  # reap the leader, else its zombie keeps the group "alive"
-    try:
-        os.killpg(proc.pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` runs (zombies waiting to be reaped do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
