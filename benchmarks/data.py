@@ -177,8 +177,9 @@ def s3_reader(depth: int) -> str:
     return f"S3 prefetch {depth} shard(s)" if depth else "S3 streamed (prefetch 0)"
 
 
-def part_two(num_samples: int, repeats: int = 5) -> dict[str, dict[str, float]]:
-    """{path: {reader: best samples/s}} for the read path and the decoding loader."""
+def part_two(num_samples: int, rounds: int = 7) -> dict[str, dict[str, list[float]]]:
+    """{path: {reader: samples/s per round}} for the read path and the decoding loader; the readers
+    run back to back within a round, so per-round ratios cancel slow drifts of a shared machine."""
     import boto3
     import fsspec
 
@@ -204,19 +205,18 @@ def part_two(num_samples: int, repeats: int = 5) -> dict[str, dict[str, float]]:
                 build_shards(
                     str(src.parent), dest, "imagefolder", max_count=max(1, num_samples // 8), progress=False
                 )
-            readers = {"local disk": (local, DataConfig.prefetch_shards)}  # interleaved round by round
+            readers = {"local disk": (local, DataConfig.prefetch_shards)}
             readers.update({s3_reader(depth): ("s3://bench/shards", depth) for depth in (0, 1, 2)})
-            paths = {
-                "read (tar stream, no decode)": stream_rate,
-                "loader (+ decode, eval transform)": loader_rate,
+            paths = {  # path: (rate function, rounds); decoding is slow and steadier
+                "read (tar stream, no decode)": (stream_rate, rounds),
+                "loader (+ decode, eval transform)": (loader_rate, max(1, rounds // 2)),
             }
-            results = {path: {name: 0.0 for name in readers} for path in paths}
-            for round_index in range(repeats):
-                for path, rate in paths.items():
-                    if round_index >= 3 and rate is loader_rate:
-                        continue  # decoding is the slow part and steadier: 3 rounds suffice
-                    for name, (spec, prefetch) in readers.items():
-                        results[path][name] = max(results[path][name], rate(spec, prefetch))
+            results = {path: {name: [] for name in readers} for path in paths}
+            for round_index in range(rounds):
+                for path, (rate, path_rounds) in paths.items():
+                    if round_index < path_rounds:
+                        for name, (spec, prefetch) in readers.items():
+                            results[path][name].append(rate(spec, prefetch))
         return results
     finally:
         proc.terminate()
@@ -254,14 +254,20 @@ def report_part_one(seconds: float, size: int) -> None:
 
 def report_part_two(num_samples: int) -> None:
     results = part_two(num_samples)
-    print(f"\nstreaming {num_samples} samples (~500x375 JPEG) in 8 shards, best of rounds (S3: moto_server)")
+    print(f"\nstreaming {num_samples} samples (~500x375 JPEG) in 8 shards: disk vs loopback S3 (moto_server)")
     for path, rates in results.items():
         disk = rates["local disk"]
-        print(f"{path:34s} {'samples/s':>10s} {'/ disk':>7s}")
-        for name, rate in rates.items():
-            print(f"  {name:32s} {rate:10.1f} {rate / disk:7.2f}")
-        ratio = rates[s3_reader(DataConfig.prefetch_shards)] / disk
-        print(f"  S3 / disk with the default data.prefetch_shards: {ratio:.2f} (goal >= 0.8)")
+        print(
+            f"{path:34s} {'best/s':>8s} {'/ disk median':>14s} {'min':>5s} {'max':>5s} ({len(disk)} rounds)"
+        )
+        for name, values in rates.items():
+            ratios = [value / base for value, base in zip(values, disk)]
+            print(
+                f"  {name:32s} {max(values):8.1f} {statistics.median(ratios):14.2f} "
+                f"{min(ratios):5.2f} {max(ratios):5.2f}"
+            )
+        default = statistics.median(v / d for v, d in zip(rates[s3_reader(DataConfig.prefetch_shards)], disk))
+        print(f"  S3 / disk with the default data.prefetch_shards: {default:.2f} (goal >= 0.8)")
 
 
 if __name__ == "__main__":
