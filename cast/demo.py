@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from cast.local_ray import RAY_ENV, VENV_BIN, RayHead, local_ray_head
+from cast.local_ray import VENV_BIN, RayHead, local_ray_head
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = "jobs/configs/moco_cast_tiny_demo.yaml"
@@ -106,12 +106,11 @@ class Steps:
         print(f"[demo] step {number}/{self.total} done in {self.seconds[title]:.1f} s", flush=True)
 
 
-def run_command(command: list[str], log: Path, env: dict | None = None) -> str:
-    """Run ``command`` in the repository, streaming its output to the console and ``log``; its output.
+def run_command(command: list[str], log: Path, env: dict | None = None) -> None:
+    """Run ``command`` in the repository, streaming its output to the console and to ``log``.
     Raises DemoError on a non-zero exit."""
     print(f"$ {shlex.join(command)}", flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
-    lines = []
     with open(log, "a") as handle:
         handle.write(f"$ {shlex.join(command)}\n")
         proc = subprocess.Popen(
@@ -121,7 +120,6 @@ def run_command(command: list[str], log: Path, env: dict | None = None) -> str:
             for line in proc.stdout:
                 sys.stdout.write(line)
                 handle.write(line)
-                lines.append(line)
             proc.wait()
         finally:
             if proc.poll() is None:  # interrupted: do not leave it running
@@ -129,11 +127,10 @@ def run_command(command: list[str], log: Path, env: dict | None = None) -> str:
                 proc.wait()
     if proc.returncode:
         raise DemoError(f"`{shlex.join(command[:4])} ...` exited with {proc.returncode}; see {log}")
-    return "".join(lines)
 
 
 def _python_env() -> dict[str, str]:
-    return {**os.environ, **RAY_ENV, "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines as they happen
 
 
 class Demo:

