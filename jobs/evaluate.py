@@ -14,6 +14,7 @@ import logging
 import sys
 
 import torch
+import yaml
 
 from cast.eval.checkpoints import load_model
 from cast.eval.evaluate import EvaluationConfig, evaluate
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, help="eval view size (default: the model's)")
     parser.add_argument("--superpixels", default="seeds",
                         help="superpixel provider name (default: seeds, the reference MoCo setting)")
+    parser.add_argument("--superpixel-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="provider parameter, repeatable (e.g. num_superpixels=36): use the model's "
+                             "training data.superpixel_params, or its tokens will not match")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--max-batches", type=int, help="stop each pass after this many batches (smoke runs)")
@@ -50,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.random_init and not args.out:
         parser.error("--random-init needs --out (there is no checkpoint to write beside)")
+    args.superpixel_params = {}
+    for item in args.superpixel_param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--superpixel-param: expected KEY=VALUE, got {item!r}")
+        args.superpixel_params[key] = yaml.safe_load(value)
     return args
 
 
@@ -64,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config.validate()  # before any model or data is touched
+        provider = get_provider(args.superpixels, **args.superpixel_params)
     except ValueError as error:
         print(f"jobs.evaluate: {error}", file=sys.stderr)
         return 2
-    provider = get_provider(args.superpixels)
     model = load_model(args.model, args.checkpoint, device=args.device)
     size = args.size or model.config.img_size
     source = ShardBatches(size, args.batch_size, args.workers, provider)

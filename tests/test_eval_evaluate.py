@@ -96,3 +96,14 @@ def test_class_names_come_from_shard_info(tmp_path):
         source.class_names(str(tmp_path))
     with pytest.raises(ValueError, match="no _info.json"):
         source.class_names(str(tmp_path / "nowhere"))
+
+
+def test_evaluate_job_takes_superpixel_params_and_rejects_unknown_ones(capsys):
+    import jobs.evaluate as job
+
+    args = job.parse_args(["--random-init", "--out", "x.json", "--superpixels", "seeds_fast",
+                           "--superpixel-param", "num_superpixels=36"])
+    assert args.superpixel_params == {"num_superpixels": 36}
+    code = job.main(["--random-init", "--out", "x.json", "--train-shards", "a", "--val-shards", "b",
+                     "--superpixel-param", "num_segments=36"])
+    assert code == 2 and "num_segments" in capsys.readouterr().err
