@@ -322,6 +322,7 @@ class Demo:
         knn = json.loads(result.read_text())["knn"]
         self.summary.setdefault("knn", {})[which] = {
             "top1": knn["top1"],
+            "k": knn["k"],
             "top5": knn["top5"],
             "json": str(result),
         }
@@ -367,8 +368,8 @@ def format_summary(summary: dict) -> str:
     knn, data = summary["knn"], summary["data"]
     lines += [
         "",
-        f"kNN accuracy (k=20) on {data['images']['val']} val images; memory: {data['images']['train']} "
-        f"train images ({data['source']})",
+        f"kNN accuracy (k={knn['trained']['k']}) on {data['images']['val']} val images; "
+        f"memory: {data['images']['train']} train images ({data['source']})",
     ]
     for which, label in (("trained", "MoCo-pretrained"), ("random_init", "random init")):
         lines.append(f"  {label:<16} top-1 {knn[which]['top1']:5.1f} %   top-5 {knn[which]['top5']:5.1f} %")
