@@ -285,11 +285,15 @@ class Demo:
         run = self.out / "runs" / RUN_NAME
         from cast.train.checkpoint import latest_checkpoint
 
+        trained = yaml.safe_load((run / "config.yaml").read_text())  # the resolved config of the run
         self.summary["run"] = {
             "job": submission_id,
             "folder": str(run),
             "checkpoint": latest_checkpoint(str(run)),
-            "model": yaml.safe_load((run / "config.yaml").read_text())["model"]["name"],
+            "model": trained["model"]["name"],
+            # kNN must see the superpixels the model trained on (their count sets the token count)
+            "superpixels": trained["data"]["superpixels"],
+            "superpixel_params": trained["data"]["superpixel_params"],
         }
 
     def knn(self, which: str) -> None:
@@ -307,7 +311,12 @@ class Demo:
                 "--size",
                 str(o.image_size),
                 "--superpixels",
-                "seeds_fast",
+                run["superpixels"],
+                *(
+                    arg
+                    for k, v in run["superpixel_params"].items()
+                    for arg in ("--superpixel-param", f"{k}={v}")
+                ),
                 "--train-shards",
                 self.summary["shards"]["train"],
                 "--val-shards",
