@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install test lint bench shards verify demo clean
+.PHONY: install test lint bench bench-knn shards verify demo clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ bench: install
 	$(PY) -m benchmarks.model
 	$(PY) -m benchmarks.superpixels
 	$(PY) -m benchmarks.data
+
+# SEEDS vs seeds_fast: short MoCo runs of cast_tiny, kNN accuracy of each (about 20 min per seed on 2 cores)
+bench-knn: install
+	$(PY) -m benchmarks.superpixel_knn --seeds 0 1 2 3
 
 # make shards SRC=/data/imagenet/train DEST=s3://bucket/imagenet/train LAYOUT=imagefolder
 LAYOUT ?= imagefolder
