@@ -1,11 +1,11 @@
 """A real Ray head on 127.0.0.1 for one machine: the demo's cluster and the tests' ``ray job submit`` target.
 
-``ray start --head --block`` runs in its own process group with free ports for every server and agent
-(another Ray on this machine, an in-process test cluster or another user's, may hold the defaults, and
-a job agent that cannot bind never accepts jobs). It is stopped by that group's id, not ``ray stop``,
-which would also stop other people's clusters. Every Ray process gets ``RAY_ENV``: without
-``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray binds the machine's interface address even when told
-127.0.0.1. The venv's bin goes first on PATH, so ``python`` in a job is this interpreter.
+``ray start --head --block --node-ip-address 127.0.0.1`` runs in its own process group with free ports
+for every server and agent (another Ray on this machine, an in-process test cluster or another user's,
+may hold the defaults, and a job agent that cannot bind never accepts jobs). It is stopped by that
+group's id, not ``ray stop``, which would also stop other people's clusters. Every Ray process gets
+``RAY_ENV``: without ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray binds the machine's interface address
+even when told 127.0.0.1. The venv's bin goes first on PATH, so ``python`` in a job is this interpreter.
 """
 
 from __future__ import annotations
