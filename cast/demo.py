@@ -188,20 +188,15 @@ class Demo:
         o, data = self.options, self.out / "data"
         photos = skimage_photos(data / "photos")
         try:
-            fashion_mnist(
-                data / "train",
-                split="train",
-                per_class=o.train_per_class,
-                size=o.image_size,
-                source=Path(o.fashion_mnist),
-            )
-            fashion_mnist(
-                data / "val",
-                split="test",
-                per_class=o.val_per_class,
-                size=o.image_size,
-                source=Path(o.fashion_mnist),
-            )
+            splits = (("train", "train", o.train_per_class), ("val", "test", o.val_per_class))
+            for folder, split, per_class in splits:  # the val folder holds Fashion-MNIST's test split
+                fashion_mnist(
+                    data / folder,
+                    split=split,
+                    per_class=per_class,
+                    size=o.image_size,
+                    source=Path(o.fashion_mnist),
+                )
             source = f"Fashion-MNIST ({o.fashion_mnist}): train and test images"
         except FileNotFoundError as error:
             print(
