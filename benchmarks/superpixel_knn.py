@@ -68,7 +68,7 @@ def loader_throughput(shards: str, size: int, num_superpixels: int, batches: int
     provider and without superpixels (the floor), interleaved round by round; also returns the floor's
     views as uint8 for ``provider_cost``."""
     from cast.data import DataConfig, build_loader
-    from cast.eval.features import denormalise
+    from cast.data.transforms import denormalize
     from cast.superpixels import get_provider
     from cast.superpixels.base import images_to_uint8_hwc
 
@@ -97,7 +97,7 @@ def loader_throughput(shards: str, size: int, num_superpixels: int, batches: int
                     break
                 samples += batch["images"].shape[0]
                 if not name and round_index == 0:
-                    views.extend(images_to_uint8_hwc(denormalise(batch["images"].flatten(0, 1))))
+                    views.extend(images_to_uint8_hwc(denormalize(batch["images"].flatten(0, 1))))
             cpu_rates[variant].append(samples / (time.process_time() - cpu))
             wall_rates[variant].append(samples / (time.perf_counter() - wall))
     rates = {
@@ -181,10 +181,10 @@ def train_config(args: argparse.Namespace, shards: str, provider: str, seed: int
 def pretrain(cfg) -> dict:
     """One fresh run of ``cast.train``'s driver (``fit``'s steps, plus a callback that keeps every report);
     wall time and the training metrics."""
-    from cast.train.driver import build_trainer, resolve, run_folder, save_resolved_config
+    from cast.train.driver import build_trainer, resolve, save_resolved_config
 
     resolve(cfg)
-    folder = run_folder(cfg)
+    folder = cfg.run_folder()
     shutil.rmtree(folder, ignore_errors=True)  # the same name would resume the old run
     save_resolved_config(cfg)
     history_path = Path(folder) / "benchmark_metrics.jsonl"

@@ -16,9 +16,10 @@ import sys
 import torch
 import yaml
 
-from cast.eval.checkpoints import load_model
+from cast.artifacts import report_url, write_report
 from cast.eval.evaluate import EvaluationConfig, evaluate
-from cast.eval.report import format_table, report_url, write_report
+from cast.eval.model_loading import load_model
+from cast.eval.report import format_table
 from cast.eval.shard_source import ShardBatches
 from cast.superpixels import get_provider
 

@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-from cast.eval.checkpoints import load_model
 from cast.eval.images import iter_images
+from cast.eval.model_loading import load_model
 from cast.eval.segment_images import segment_images
 from cast.superpixels import get_provider
 

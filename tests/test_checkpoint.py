@@ -12,18 +12,9 @@ import torch
 from ray.train import Checkpoint
 from torch import nn
 
-from cast.train import checkpoint as ckpt
-from cast.train.checkpoint import (
-    COMPLETE_MARKER,
-    Position,
-    checkpoint_name,
-    latest_checkpoint,
-    new_checkpoint_folder,
-    read_state,
-    retrying_upload,
-    rng_state,
-    set_rng_state,
-)
+from cast import artifacts as ckpt
+from cast.artifacts import COMPLETE_MARKER, latest_checkpoint, new_checkpoint_folder, read_state
+from cast.train.checkpoint import Position, checkpoint_name, retrying_upload, rng_state, set_rng_state
 
 
 def _model_and_optimizer():

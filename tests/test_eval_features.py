@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from cast.eval.features import batch_views, denormalise, extract_features
-from cast.eval.images import normalise
+from cast.data.transforms import denormalize, views_to_input
+from cast.eval.features import batch_views, extract_features
 from cast.eval.knn import knn_accuracy
 from cast.eval.retrieval import evaluate_retrieval, iter_cast_segmented_images
 from cast.models import cast_config, create_model
@@ -28,7 +28,7 @@ def model():
 
 def test_denormalise_inverts_normalise():
     views = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    restored = denormalise(normalise(views)) * 255
+    restored = denormalize(views_to_input(views)) * 255
     np.testing.assert_allclose(restored.permute(0, 2, 3, 1).numpy(), views, atol=1e-3)
 
 

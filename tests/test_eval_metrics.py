@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from cast.artifacts import read_report, report_url, write_report
 from cast.eval.knn import knn_accuracy, knn_predict, knn_scores
-from cast.eval.report import format_table, read_report, report_url, write_report
+from cast.eval.report import format_table
 from cast.eval.segmentation import (
     SegmentationMeter,
     boundary_recall,

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from cast.eval.checkpoints import load_model
 from cast.eval.images import centre_view, iter_images
+from cast.eval.model_loading import load_model
 from cast.models import cast_config
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
@@ -134,8 +134,9 @@ def test_load_model_from_state_dict_and_mismatch(tmp_path):
 
 
 def test_load_model_from_a_moco_training_run(tmp_path):
+    from cast.artifacts import COMPLETE_MARKER, write_checkpoint
     from cast.models import create_model
-    from cast.train.checkpoint import COMPLETE_MARKER, Position, checkpoint_name, write_checkpoint
+    from cast.train.checkpoint import Position, checkpoint_name
     from cast.train.config import MocoConfig
     from cast.train.objectives import MoCo
 

@@ -6,9 +6,15 @@ import pytest
 import timm
 import torch
 
+from cast.artifacts import (
+    COMPLETE_MARKER,
+    latest_checkpoint,
+    read_report,
+    read_state,
+    report_url,
+    write_checkpoint,
+)
 from cast.config import load_config
-from cast.eval.report import read_report, report_url
-from cast.train.checkpoint import COMPLETE_MARKER, latest_checkpoint, read_state, write_checkpoint
 from cast.train.config import MocoConfig, TrainConfig
 from cast.train.driver import fit
 from cast.train.objectives import MoCo

@@ -13,8 +13,8 @@ import cast.models  # noqa: F401
 from cast.config import load_config
 from cast.train.config import MocoConfig, OptimConfig, ScheduleConfig, SupervisedConfig, TrainConfig
 from cast.train.objectives import (
+    DeiTLoss,
     MoCo,
-    SupervisedObjective,
     build_mlp,
     contrastive_loss,
     moco_momentum,
@@ -107,10 +107,10 @@ def test_supervised_objective_mixes_and_smooths():
     model = timm.create_model("cast_tiny", num_classes=3, img_size=32)
     images, superpixels = _tiny_batch(views=1)
     labels = torch.tensor([0, 1, 2, 0])
-    objective = SupervisedObjective(SupervisedConfig(num_classes=3, mixup_alpha=0.8, cutmix_alpha=1.0))
+    objective = DeiTLoss(SupervisedConfig(num_classes=3, mixup_alpha=0.8, cutmix_alpha=1.0))
     loss, logits = objective(model, images[:, 0].clone(), superpixels[:, 0], labels)
     assert logits.shape == (4, 3) and loss.item() > 0
-    plain = SupervisedObjective(
+    plain = DeiTLoss(
         SupervisedConfig(num_classes=3, mixup_alpha=0, cutmix_alpha=0, label_smoothing=0)
     )
     loss, logits = plain(model, images[:, 0], superpixels[:, 0], labels)

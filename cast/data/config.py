@@ -39,6 +39,14 @@ class DataConfig:
         if self.num_workers < 0 or self.shuffle_buffer < 0 or self.prefetch_shards < 0:
             raise ValueError("data.num_workers, data.shuffle_buffer and data.prefetch_shards must be >= 0")
 
+    def provider(self):
+        """The superpixel provider ``superpixels`` names (None for "" / "none")."""
+        if not self.superpixels or self.superpixels == "none":
+            return None
+        from cast.superpixels import get_provider
+
+        return get_provider(self.superpixels, **self.superpixel_params)
+
     @property
     def num_views(self) -> int:
         return 2 if self.recipe == "moco" else 1

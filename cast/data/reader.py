@@ -292,10 +292,8 @@ def build_loader(
     cfg.validate()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
-    if provider is None and cfg.superpixels and cfg.superpixels != "none":
-        from cast.superpixels import get_provider
-
-        provider = get_provider(cfg.superpixels, **cfg.superpixel_params)
+    if provider is None:
+        provider = cfg.provider()
     stream = ShardStream(
         cfg,
         list_shards(cfg.shards),

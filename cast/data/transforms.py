@@ -20,7 +20,31 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
+IGNORE_INDEX = 255  # mask value of pixels that count for no class (VOC/ADE borders, crop padding)
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (1,) * (images.dim() - 3) + (3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(shape)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(shape)
+    return mean, std
+
+
+def normalize(images01: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (``[..., 3, H, W]``) -> ImageNet-normalised float32, what the models take."""
+    mean, std = _channel_stats(images01)
+    return (images01.float() - mean) / std
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised ``[..., 3, H, W]`` -> [0, 1] (what on-device superpixel providers take)."""
+    mean, std = _channel_stats(images)
+    return (images.float() * std + mean).clamp(0, 1)
+
+
+def views_to_input(views: np.ndarray) -> torch.Tensor:
+    """uint8 views ``[B, H, W, 3]`` -> normalised float ``[B, 3, H, W]``."""
+    return normalize(torch.from_numpy(views).permute(0, 3, 1, 2).float() / 255)
 
 
 class RandomGaussianBlur:

@@ -3,11 +3,11 @@
     from cast.eval import knn_accuracy, extract_features, SegmentationMeter, evaluate_retrieval
 """
 
-from cast.eval.checkpoints import load_model
 from cast.eval.evaluate import EvaluationConfig, evaluate
 from cast.eval.features import Features, extract_features
 from cast.eval.knn import knn_accuracy, knn_predict, knn_scores
-from cast.eval.report import format_table, read_report, report_url, write_report
+from cast.eval.model_loading import load_model
+from cast.eval.report import format_table
 from cast.eval.retrieval import (
     MemoryBank,
     SegmentedImage,
@@ -29,6 +29,5 @@ __all__ = [
     "IGNORE_INDEX", "EvaluationConfig", "Features", "MemoryBank", "SegmentationMeter", "SegmentedImage",
     "boundary_recall", "build_memory_bank", "cast_segmented_images", "class_iou", "confusion_matrix",
     "evaluate", "evaluate_retrieval", "extract_features", "format_table", "iter_cast_segmented_images",
-    "knn_accuracy", "knn_predict", "knn_scores", "load_model", "mean_iou", "read_report", "report_url",
-    "write_report",
+    "knn_accuracy", "knn_predict", "knn_scores", "load_model", "mean_iou",
 ]

@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
+from cast.artifacts import read_report, report_url
 from cast.eval.features import extract_features
 from cast.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_accuracy
-from cast.eval.report import read_report, report_url
 from cast.eval.retrieval import DEFAULT_TOP_K, evaluate_retrieval, iter_cast_segmented_images
 from cast.superpixels import SuperpixelProvider
 

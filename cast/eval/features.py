@@ -8,13 +8,13 @@ works with ``cast.data.build_loader`` and with hand-made batches alike. Only the
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from tqdm import tqdm
 
+from cast.data.batches import to_device
+from cast.precision import autocast
 from cast.superpixels import SuperpixelProvider
 
 
@@ -28,34 +28,11 @@ class Features:
         return self.labels.numel()
 
 
-def denormalise(images: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalised [B, 3, H, W] -> [0, 1] (what ``provider.batch`` expects)."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, 3, 1, 1)
-    return (images * std + mean).clamp(0, 1)
-
-
 def batch_views(batch: dict, device: str | torch.device,
                 provider: SuperpixelProvider | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images [B, 3, H, W], superpixels [B, H, W]) of the first view, on ``device``; superpixels come from
-    the batch, or from ``provider.batch`` on the device when the loader left them to the device."""
-    images = batch["images"]
-    if images.dim() != 5:
-        raise ValueError(f"batch 'images' must be [B, V, 3, H, W], got {tuple(images.shape)}")
-    images = images[:, 0].to(device, non_blocking=True)
-    if "superpixels" in batch:
-        superpixels = batch["superpixels"][:, 0].to(device, non_blocking=True)
-    elif provider is not None:
-        superpixels = provider.batch(denormalise(images))
-    else:
-        raise ValueError("batch has no 'superpixels' and no provider was given to compute them")
-    return images, superpixels.long()
-
-
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """(images [B, 3, H, W], superpixels [B, H, W]) of the first view, on ``device``."""
+    on_device = to_device(batch, device, provider)
+    return on_device["images"][:, 0], on_device["superpixels"][:, 0]
 
 
 @torch.no_grad()
@@ -78,7 +55,7 @@ def extract_features(
         if max_batches is not None and index >= max_batches:
             break
         images, superpixels = batch_views(batch, device, provider)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             output = model.forward_features(images, superpixels)
         embeddings.append(output.embedding.float().cpu())
         labels.append(batch["label"].long().cpu())

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 
 import fsspec
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 SHARD_INFO = "_info.json"
@@ -141,11 +139,3 @@ def centre_view(image: np.ndarray, size: int) -> np.ndarray:
     resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC))
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return np.ascontiguousarray(resized[top:top + size, left:left + size])
-
-
-def normalise(views: np.ndarray) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> ImageNet-normalised float [B, 3, H, W]."""
-    images = torch.from_numpy(views).permute(0, 3, 1, 2).float() / 255
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-    return (images - mean) / std

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cast.eval.images import NamedImage, centre_view, normalise
+from cast.data.transforms import views_to_input
+from cast.eval.images import NamedImage, centre_view
 from cast.models import hierarchy
 from cast.superpixels import SuperpixelProvider
 from cast.viz import save_label_maps, save_overlay
@@ -49,7 +50,7 @@ def predict_hierarchy(model, views: np.ndarray, provider: SuperpixelProvider,
                       device: str | torch.device) -> np.ndarray:
     """Per-level segment maps int64 [B, L, H, W] of uint8 views [B, H, W, 3]."""
     superpixels = torch.from_numpy(np.stack([provider(view) for view in views])).long()
-    images = normalise(views).to(device)
+    images = views_to_input(views).to(device)
     superpixels = superpixels.to(device)
     output = model.forward_features(images, superpixels, segmentation=True)
     return hierarchy(output, superpixels).cpu().numpy()

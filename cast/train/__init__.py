@@ -7,6 +7,6 @@ result = fit(cfg)          # inside ray.init(): one TorchTrainer; checkpoints un
 """
 
 from cast.train.config import TrainConfig
-from cast.train.driver import build_trainer, fit, resolve, run_folder
+from cast.train.driver import build_trainer, fit, resolve
 
-__all__ = ["TrainConfig", "build_trainer", "fit", "resolve", "run_folder"]
+__all__ = ["TrainConfig", "build_trainer", "fit", "resolve"]

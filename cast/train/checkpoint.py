@@ -1,30 +1,26 @@
-"""Checkpoint state: what a run needs to continue exactly where it stopped.
+"""Checkpoint state of a run: what it needs to continue exactly where it stopped.
 
-A checkpoint is a folder holding ``state.pt`` (tensors and primitives only, read back with
-``torch.load(weights_only=True)``) and ``config.yaml``. It is written to a fresh local temp folder
-and only then handed to ``ray.train.report``, which registers it after the upload finished: an
-interrupted write or upload never replaces the last good checkpoint. Transient storage errors
-during the upload are retried with exponential backoff (``retrying_upload``).
+``TrainState`` assembles the state (model, optimizer, the objective's own state, data position,
+every rank's RNG), writes it as a checkpoint folder (format in ``cast.artifacts``) and restores it. A
+checkpoint is written to a fresh local temp folder and only then handed to ``ray.train.report``, which
+registers it after the upload finished: an interrupted write or upload never replaces the last good
+checkpoint. Transient storage errors during the upload are retried with backoff (``retrying_upload``).
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-import fsspec
 import numpy as np
 import torch
+from torch import nn
 
-STATE_FILE = "state.pt"
-CONFIG_FILE = "config.yaml"
-COMPLETE_MARKER = "_COMPLETE"  # written after the upload: a folder without it is an interrupted upload
+from cast.artifacts import COMPLETE_MARKER, latest_checkpoint, new_checkpoint_folder, read_state
+from cast.train.distributed import gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +33,12 @@ class Position:
     epoch: int = 0
     batches_done: int = 0  # batches of ``epoch`` this rank already trained on
     world_size: int = 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
@@ -75,55 +77,61 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_checkpoint(folder: str, state: dict, config_yaml: str) -> str:
-    """Write ``state`` and the resolved config into ``folder`` (a fresh local folder)."""
-    torch.save(state, os.path.join(folder, STATE_FILE))
-    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
-        f.write(config_yaml)
-    return folder
-
-
-def new_checkpoint_folder(state: dict, config_yaml: str) -> str:
-    """A new temp folder holding the checkpoint; on any error it is removed and nothing is reported."""
-    folder = tempfile.mkdtemp(prefix="cast-ckpt-")
-    try:
-        return write_checkpoint(folder, state, config_yaml)
-    except BaseException:
-        _remove_tree(folder)
-        raise
-
-
-def read_state(location: str) -> dict:
-    """``state.pt`` of a checkpoint folder (local path or any fsspec URL), tensors and primitives only."""
-    url = location if location.endswith(STATE_FILE) else location.rstrip("/") + "/" + STATE_FILE
-    with fsspec.open(url, "rb") as f:
-        data = f.read()
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
-def latest_checkpoint(location: str) -> str:
-    """``location`` itself when it is a checkpoint, else its newest ``checkpoint_*`` sub-folder."""
-    fs, path = fsspec.core.url_to_fs(location)
-    path = path.rstrip("/")
-    if fs.exists(f"{path}/{STATE_FILE}"):
-        return location.rstrip("/")
-    names = sorted(
-        os.path.basename(p.rstrip("/"))
-        for p in fs.ls(path, detail=False)
-        if os.path.basename(p.rstrip("/")).startswith("checkpoint_")
-    )
-    complete = [n for n in names if fs.exists(f"{path}/{n}/{COMPLETE_MARKER}")]
-    if not complete:
-        raise FileNotFoundError(
-            f"no complete checkpoint in {location} "
-            f"(no {STATE_FILE}, no checkpoint_* folder with {COMPLETE_MARKER})"
-        )
-    return location.rstrip("/") + "/" + complete[-1]
-
-
 def checkpoint_name(position: Position) -> str:
     """Sortable and unique per run: newest = last in name order."""
     return f"checkpoint_epoch{position.epoch:04d}_step{position.step:09d}"
+
+
+class TrainState:
+    """The state a worker checkpoints and restores; ``position`` is where the run stands."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, objective, *,
+                 rank: int, world_size: int, seed: int, config_yaml: str):
+        self.module, self.optimizer, self.objective = module, optimizer, objective
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.config_yaml = config_yaml
+        self.position = Position(world_size=world_size)
+
+    def save(self) -> str | None:
+        """All ranks take part (their RNG states are gathered); rank 0 gets the local checkpoint folder
+        (the caller reports and then removes it), the others None."""
+        rngs = gather_objects(rng_state())
+        if self.rank != 0:
+            return None
+        state = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "position": asdict(self.position),
+            "rng": rngs,
+            **self.objective.state_dict(),
+        }
+        return new_checkpoint_folder(state, self.config_yaml)
+
+    def restore(self, ray_checkpoint, resume_from: str = "") -> bool:
+        """Continue from Ray's checkpoint of this run (after a restart), else from ``resume_from`` (a
+        checkpoint or run folder); False when there is neither."""
+        if ray_checkpoint is not None:
+            with ray_checkpoint.as_directory() as folder:
+                state = read_state(folder)
+        elif resume_from:
+            state = read_state(latest_checkpoint(resume_from))
+        else:
+            return False
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.objective.load_state_dict(state)
+        saved = Position(**state["position"])
+        batches = saved.batches_done
+        if saved.world_size != self.world_size:  # same samples consumed, counted in this world's batches
+            batches = batches * saved.world_size // self.world_size
+        self.position = Position(
+            step=saved.step, epoch=saved.epoch, batches_done=batches, world_size=self.world_size
+        )
+        if len(state["rng"]) == self.world_size:
+            set_rng_state(state["rng"][self.rank])
+        else:
+            seed_everything(self.seed + self.rank + saved.step)
+        return True
 
 
 def retrying_upload(
@@ -150,7 +158,7 @@ def retrying_upload(
                 with persisted.filesystem.open_output_stream(f"{persisted.path}/{COMPLETE_MARKER}") as f:
                     f.write(b"ok\n")
                 return persisted
-            except OSError as e:  # pyarrow / fsspec / botocore connection errors all derive from OSError
+            except OSError as e:  # pyarrow / fsspec errors derive from OSError
                 if attempt == attempts:
                     raise
                 delay = backoff_s * 2 ** (attempt - 1)
@@ -166,9 +174,3 @@ def retrying_upload(
         raise AssertionError("unreachable")
 
     return upload
-
-
-def _remove_tree(folder: str) -> None:
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)

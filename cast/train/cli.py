@@ -32,7 +32,7 @@ def run_training_job(argv: Sequence[str] | None, objective: str) -> int:
     import ray
     import ray.train
 
-    from cast.train.driver import fit, run_folder
+    from cast.train.driver import fit
 
     ray.init()  # joins RAY_ADDRESS / the cluster of `ray job submit`, else starts a local one
     try:
@@ -41,7 +41,7 @@ def run_training_job(argv: Sequence[str] | None, objective: str) -> int:
         print(f"run {cfg.ray.name} failed: {e}", file=sys.stderr)
         return 1
     print(f"run {cfg.ray.name} finished: {result.metrics}")
-    print(f"run folder: {run_folder(cfg)}")
+    print(f"run folder: {cfg.run_folder()}")
     if result.checkpoint is not None:
         print(f"last checkpoint: {result.checkpoint.path}")
     return 0

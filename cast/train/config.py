@@ -6,11 +6,11 @@ dotted key. ``objective`` picks the recipe (``moco`` | ``supervised`` | ``linear
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from cast.config import ConfigError
 from cast.data.config import DataConfig
+from cast.storage import absolute, join
 
 OBJECTIVES = ("moco", "supervised", "linear")
 OPTIMIZERS = ("adamw", "sgd")
@@ -126,7 +126,7 @@ class TrainConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from e
         _check_model(self.model.name)
-        _check_provider(self.data.superpixels, self.data.superpixel_params)
+        _check_provider(self.data)
         _check(self.optim.name in OPTIMIZERS, "optim.name", f"one of {OPTIMIZERS}", self.optim.name)
         for key, value in (
             ("optim.base_lr", self.optim.base_lr),
@@ -176,8 +176,11 @@ class TrainConfig:
 
     def resolved_storage_path(self) -> str:
         """Ray needs an absolute local path or a URL."""
-        path = self.ray.storage_path
-        return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+        return absolute(self.ray.storage_path)
+
+    def run_folder(self) -> str:
+        """``<storage_path>/<name>``: the run's checkpoints, config, TensorBoard files."""
+        return join(self.resolved_storage_path(), self.ray.name)
 
 
 def _check(ok: bool, key: str, expected: str, got) -> None:
@@ -197,12 +200,8 @@ def _check_model(name: str) -> None:
         )
 
 
-def _check_provider(name: str, params: dict) -> None:
-    if not name or name == "none":
-        return
-    from cast.superpixels import get_provider
-
+def _check_provider(data: DataConfig) -> None:
     try:
-        get_provider(name, **params)
+        data.provider()
     except (ValueError, TypeError) as e:
         raise ConfigError(f"data.superpixels: {e}") from e

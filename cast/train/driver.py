@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 import time
 
-import fsspec
 from ray.train import UserCallback
 
+from cast.artifacts import CONFIG_FILE, latest_checkpoint
 from cast.config import ConfigError, dump_config
-from cast.train.checkpoint import latest_checkpoint
+from cast.storage import join, write_text
 from cast.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -40,18 +40,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def run_folder(cfg: TrainConfig) -> str:
-    return cfg.resolved_storage_path().rstrip("/") + "/" + cfg.ray.name
-
-
 def save_resolved_config(cfg: TrainConfig) -> str:
     """``<storage_path>/<name>/config.yaml``: the exact config this run trains with."""
-    url = run_folder(cfg) + "/config.yaml"
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "w") as f:
-        f.write(dump_config(cfg))
-    return url
+    return write_text(join(cfg.run_folder(), CONFIG_FILE), dump_config(cfg))
 
 
 def build_trainer(cfg: TrainConfig, callbacks: list | None = None):

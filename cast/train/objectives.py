@@ -1,7 +1,12 @@
-"""Training objectives of the reference recipes: MoCo-v3, supervised DeiT-style CE, linear probe.
+"""Training objectives of the reference recipes: how a batch becomes a loss.
 
-Models stay free of distributed code; the only collective here is the key all-gather of MoCo,
-which is a no-op in a single process.
+Each ``Objective`` builds the module it trains (from the job config), puts it in the right train mode,
+turns a batch on the device into a loss, and keeps whatever recipe state lives beside the weights
+(DeiT's EMA). The loop (``cast.train.loop``) owns everything else: distribution, precision, the
+optimizer step, schedules, metrics and checkpoints.
+
+Models stay free of distributed code; the only collective here is MoCo's key all-gather, a no-op in a
+single process.
 """
 
 from __future__ import annotations
@@ -9,14 +14,18 @@ from __future__ import annotations
 import copy
 import math
 
+import timm
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 from torch import nn
 
-from cast.train.config import MocoConfig, SupervisedConfig
+import cast.models  # noqa: F401  (registers cast_* with timm)
+from cast.artifacts import latest_checkpoint, read_state
+from cast.train.config import MocoConfig, SupervisedConfig, TrainConfig
+from cast.train.distributed import all_gather, rank
 
 
 def build_mlp(num_layers: int, in_dim: int, mlp_dim: int, out_dim: int, last_bn: bool) -> nn.Sequential:
@@ -33,23 +42,13 @@ def build_mlp(num_layers: int, in_dim: int, mlp_dim: int, out_dim: int, last_bn:
     return nn.Sequential(*layers)
 
 
-def gather_keys(keys: torch.Tensor) -> torch.Tensor:
-    """All keys of all workers, in rank order; keys carry no gradient, so a plain all_gather is exact."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return keys
-    parts = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, keys.contiguous())
-    return torch.cat(parts)
-
-
 def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
     """InfoNCE of local queries against the keys of all workers, scaled by 2*tau as in MoCo-v3."""
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.float(), dim=1)
-    all_keys = gather_keys(k)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    all_keys = all_gather(k)  # keys carry no gradient, so a plain all_gather is exact
     logits = q @ all_keys.t() / temperature
-    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank
+    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank()
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
@@ -58,6 +57,10 @@ def moco_momentum(epoch: float, epochs: int, cfg: MocoConfig) -> float:
     if not cfg.momentum_cosine:
         return cfg.momentum
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1.0 - cfg.momentum)
+
+
+def top1_correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    return int((logits.argmax(dim=1) == labels).sum())
 
 
 class MoCo(nn.Module):
@@ -91,7 +94,7 @@ class MoCo(nn.Module):
         return contrastive_loss(q1, k2, self.temperature) + contrastive_loss(q2, k1, self.temperature)
 
 
-class SupervisedObjective:
+class DeiTLoss:
     """DeiT loss: Mixup/CutMix on the batch (superpixels stay as computed, like the reference) + soft CE."""
 
     def __init__(self, cfg: SupervisedConfig):
@@ -145,5 +148,115 @@ def prepare_linear_probe(model: nn.Module, backbone_state: dict[str, torch.Tenso
     return model
 
 
-def top1_correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
-    return int((logits.argmax(dim=1) == labels).sum())
+class Objective:
+    """One recipe's part of a training step. ``loss`` returns (loss, top-1 hits or -1 without labels);
+    ``progress`` is the fractional epoch the step trains in (schedules that follow training progress)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def build(self) -> nn.Module:
+        raise NotImplementedError
+
+    def setup(self, module: nn.Module) -> None:
+        """Called once the module sits on its device (and before a checkpoint is restored)."""
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+        if self.cfg.model.freeze_bn:
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def loss(self, model: nn.Module, batch: dict, progress: float) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def after_step(self, module: nn.Module) -> None:
+        """Called after each optimizer step."""
+
+    def state_dict(self) -> dict:
+        """Recipe state saved in checkpoints beside the model and optimizer."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class MoCoObjective(Objective):
+    """MoCo-v3: symmetric contrastive loss of two views; the key encoder's momentum follows training."""
+
+    def build(self) -> nn.Module:
+        encoder = timm.create_model(self.cfg.model.name, num_classes=0, **self.cfg.model.kwargs)
+        return MoCo(encoder, self.cfg.moco)
+
+    def loss(self, model, batch, progress):
+        m = moco_momentum(progress, self.cfg.schedule.epochs, self.cfg.moco)
+        return model(batch["images"], batch["superpixels"], m), -1
+
+
+class SupervisedObjective(Objective):
+    """DeiT-style supervised training: Mixup/CutMix + label-smoothed CE, an optional model EMA."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.criterion = DeiTLoss(cfg.supervised)
+        self.ema: ModelEmaV3 | None = None
+
+    def build(self) -> nn.Module:
+        return timm.create_model(
+            self.cfg.model.name, num_classes=self.cfg.supervised.num_classes, **self.cfg.model.kwargs
+        )
+
+    def setup(self, module):
+        if self.cfg.supervised.ema_decay > 0:
+            self.ema = ModelEmaV3(module, decay=self.cfg.supervised.ema_decay)
+
+    def loss(self, model, batch, progress):
+        labels = batch["label"]
+        loss, logits = self.criterion(model, batch["images"][:, 0], batch["superpixels"][:, 0], labels)
+        return loss, top1_correct(logits.detach(), labels)
+
+    def after_step(self, module):
+        if self.ema is not None:
+            self.ema.update(module)
+
+    def state_dict(self):
+        return {"ema": self.ema.module.state_dict()} if self.ema is not None else {}
+
+    def load_state_dict(self, state):
+        if self.ema is not None and "ema" in state:
+            self.ema.module.load_state_dict(state["ema"])
+
+
+class LinearProbeObjective(Objective):
+    """Linear probe (MoCo-v3 lincls): frozen pretrained backbone, a fresh linear head, plain CE.
+
+    The reference trains the probe with the backbone in eval mode (BN statistics frozen)."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.pretrained = latest_checkpoint(cfg.linear.pretrained)
+
+    def build(self) -> nn.Module:
+        model = timm.create_model(self.cfg.model.name, num_classes=self.cfg.linear.num_classes,
+                                  **self.cfg.model.kwargs)
+        return prepare_linear_probe(model, read_state(self.pretrained)["model"])
+
+    def train_mode(self, model):
+        model.eval()
+
+    def loss(self, model, batch, progress):
+        labels = batch["label"]
+        logits = model(batch["images"][:, 0], batch["superpixels"][:, 0])
+        return F.cross_entropy(logits.float(), labels), top1_correct(logits.detach(), labels)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "moco": MoCoObjective,
+    "supervised": SupervisedObjective,
+    "linear": LinearProbeObjective,
+}
+
+
+def build_objective(cfg: TrainConfig) -> Objective:
+    return OBJECTIVES[cfg.objective](cfg)

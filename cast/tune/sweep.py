@@ -16,10 +16,10 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-import fsspec
 import yaml
 
 from cast.config import ConfigError, dump_config, from_dict, load_config, set_dotted
+from cast.storage import absolute, join, write_text
 from cast.train.config import TrainConfig
 
 SAMPLERS = ("loguniform", "uniform", "choice", "grid")
@@ -67,10 +67,8 @@ class SweepConfig:
                 trial_config(base, {key: value})
 
     def resolved_storage_path(self) -> str:
-        import os
-
-        path = self.storage_path
-        return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+        """Ray needs an absolute local path or a URL."""
+        return absolute(self.storage_path)
 
 
 def base_config(sweep: SweepConfig) -> TrainConfig:
@@ -117,7 +115,7 @@ def run_sweep(sweep: SweepConfig):
 
     sweep.validate()
     base = base_config(sweep)
-    folder = sweep.resolved_storage_path().rstrip("/") + "/" + sweep.name
+    folder = join(sweep.resolved_storage_path(), sweep.name)
 
     def trial_driver(params: dict) -> None:
         cfg = trial_config(base, params)
@@ -152,17 +150,11 @@ def write_best_config(sweep: SweepConfig, base: TrainConfig, params: dict, folde
     """The best trial's resolved job config, with a fresh run name, as a YAML for jobs/pretrain.py."""
     cfg = trial_config(copy.deepcopy(base), params)
     cfg.ray.name = ""
-    url = sweep.best_config or folder + "/best_config.yaml"
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
+    url = sweep.best_config or join(folder, "best_config.yaml")
     header = "".join(
         f"# sweep {sweep.name} best ({sweep.metric}, {sweep.mode}): {k} = {v}\n" for k, v in params.items()
     )
-    with fs.open(path, "w") as f:
-        f.write(header + dump_config(cfg))
-    return url
+    return write_text(url, header + dump_config(cfg))
 
 
 def _sampler(key: str, spec) -> tuple[str, list]:

@@ -15,9 +15,9 @@ import logging
 import fsspec
 import torch
 
+from cast.artifacts import latest_checkpoint, read_state
 from cast.models import CAST, create_model, load_original_checkpoint
 from cast.models.original_checkpoint import read_checkpoint
-from cast.train.checkpoint import latest_checkpoint, read_state
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,133 @@
+"""Training metrics: a window of sums between two reports, and where the figures go.
+
+Every report carries loss, lr, images/s and the share of time spent waiting for data (summed over all
+workers), the position, and the loader's skip counters summed over ranks. ``Reporter.publish`` writes
+them to TensorBoard (rank 0) and hands them, with a checkpoint when there is one, to
+``ray.train.report``: the one place a worker reports.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+
+import torch
+
+from cast.storage import is_url, join
+from cast.train.distributed import all_reduce_sum, gather_objects
+
+
+class MetricsWindow:
+    """Sums over the optimizer steps since the last report."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.wait = 0.0
+        self.loss_sum = None
+        self.batches = 0
+        self.images = 0
+        self.correct = 0
+        self.lr = 0.0
+        self.classify = False
+
+    def add(self, loss: torch.Tensor, images: int, correct: int) -> None:
+        self.loss_sum = loss.float() if self.loss_sum is None else self.loss_sum + loss.float()
+        self.batches += 1
+        self.images += images
+        if correct >= 0:  # -1: the objective has no labels to score
+            self.classify = True
+            self.correct += correct
+
+    def summary(self, device: torch.device) -> dict:
+        """Loss, lr, throughput and data wait over all workers (a collective: every rank calls it)."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        loss = float(self.loss_sum) if self.loss_sum is not None else 0.0
+        totals = all_reduce_sum(
+            torch.tensor([loss, self.batches, self.images, self.correct], dtype=torch.float64, device=device)
+        )
+        loss_sum, batches, images, correct = totals.tolist()
+        summary = {
+            "loss": loss_sum / max(batches, 1),
+            "lr": self.lr,
+            "images_per_s": images / elapsed,
+            "data_wait_frac": self.wait / elapsed,
+        }
+        if self.classify:
+            summary["train_top1"] = 100.0 * correct / max(images, 1)
+        return summary
+
+
+def summed_counters(counters: Counter) -> dict:
+    """Skip counters of all ranks, summed (every rank takes part; keys may differ between ranks)."""
+    merged: Counter = Counter()
+    for part in gather_objects(dict(counters)):
+        merged.update(part)
+    return dict(merged)
+
+
+class Reporter:
+    """Metrics to TensorBoard (rank 0, under ``<run>/tensorboard``) and to Ray Train.
+
+    On object storage the event files are written locally and copied up at every checkpoint and at the end.
+    """
+
+    def __init__(self, run_folder: str, *, rank: int, device: torch.device, tensorboard: bool):
+        self.device = device
+        self.writer = None
+        self.remote = None
+        if rank == 0 and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            if is_url(run_folder):
+                self.remote = join(run_folder, "tensorboard")
+                self.writer = SummaryWriter(tempfile.mkdtemp(prefix="cast-tb-"))
+            else:
+                self.writer = SummaryWriter(os.path.join(run_folder, "tensorboard"))
+
+    def collect(self, window: MetricsWindow, counters: Counter, extra: dict) -> dict:
+        """The metrics of one report (a collective: every rank calls it)."""
+        metrics = {**window.summary(self.device), **extra}
+        metrics.update({f"skipped_{k}": v for k, v in summed_counters(counters).items()})
+        return metrics
+
+    def publish(self, metrics: dict, step: int, checkpoint_folder: str | None = None,
+                checkpoint_name: str = "", upload_fn=None) -> None:
+        """Log ``metrics`` and report them to Ray with the checkpoint in ``checkpoint_folder`` (a local
+        folder, removed once Ray has it uploaded)."""
+        import ray.train
+
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+            self.writer.flush()
+        if checkpoint_folder is None:
+            ray.train.report(metrics)
+            return
+        self.sync()
+        try:
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(checkpoint_folder),
+                checkpoint_dir_name=checkpoint_name,
+                checkpoint_upload_fn=upload_fn,
+            )
+        finally:
+            shutil.rmtree(checkpoint_folder, ignore_errors=True)
+
+    def sync(self) -> None:
+        """Copy local TensorBoard files to the run folder on object storage."""
+        if self.writer is None or self.remote is None:
+            return
+        import fsspec
+
+        self.writer.flush()
+        fs, path = fsspec.core.url_to_fs(self.remote)
+        fs.put(self.writer.logdir.rstrip("/") + "/", path, recursive=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.sync()
