@@ -1,12 +1,12 @@
 """`make demo` / `python -m jobs.demo [--quick] [--out demo_out] ...`: the project end to end on this machine
 (sample images -> shards -> local Ray head -> `ray job submit` MoCo pretraining -> kNN vs random init ->
-segmentation overlays -> summary). The steps live in cast/demo.py."""
+segmentation overlays -> summary). The steps live in tools/demo.py."""
 
 import argparse
 import signal
 import sys
 
-from cast.demo import DEMO_CONFIG, QUICK, Demo, DemoError, DemoOptions, format_summary
+from tools.demo import DEMO_CONFIG, QUICK, Demo, DemoError, DemoOptions, format_summary
 
 
 def parse_args(argv: list[str] | None = None) -> DemoOptions:

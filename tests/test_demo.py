@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cast.demo import QUICK, Demo, DemoOptions
 from cast.local_ray import RAY_ENV, group_alive
 from data_tools.photo_crops import CROP_PHOTOS, photo_crops
+from tools.demo import QUICK, Demo, DemoOptions
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = [sys.executable, "-m", "jobs.demo", "--quick"]

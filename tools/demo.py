@@ -278,7 +278,7 @@ class Demo:
         if status != "SUCCEEDED":
             raise DemoError(f"job {submission_id} ended {status}; see {self.logs / 'pretrain.log'}")
         run = self.out / "runs" / RUN_NAME
-        from cast.train.checkpoint import latest_checkpoint
+        from cast.artifacts import latest_checkpoint
 
         trained = yaml.safe_load((run / "config.yaml").read_text())  # the resolved config of the run
         self.summary["run"] = {

@@ -1,0 +1,1 @@
+"""Applications built from the library, with their own orchestration: the end-to-end demo."""
