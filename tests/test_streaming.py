@@ -141,6 +141,10 @@ def _rewrite(shard: Path, edit) -> None:
             tar.addfile(member, io.BytesIO(data))
 
 
+def _first_jpg(members) -> str:
+    return next(member.name for member, _ in members if member.name.endswith(".jpg"))
+
+
 def test_corrupt_image_missing_key_and_truncated_tar_are_skipped_and_counted(tmp_path, caplog):
     make_imagefolder(tmp_path / "src", num_classes=4, per_class=10, size=32)
     shards = tmp_path / "s"
@@ -148,9 +152,9 @@ def test_corrupt_image_missing_key_and_truncated_tar_are_skipped_and_counted(tmp
     # shard 0: one JPEG replaced by garbage; shard 1: one sample loses its image; shard 2: cut mid-way
     _rewrite(
         shards / "train-000000.tar",
-        lambda ms: [(m, b"not a jpeg" if m.name == ms[0][0].name else d) for m, d in ms],
+        lambda ms: [(m, b"not a jpeg" if m.name == _first_jpg(ms) else d) for m, d in ms],
     )
-    _rewrite(shards / "train-000001.tar", lambda ms: [(m, d) for m, d in ms if m.name != ms[0][0].name])
+    _rewrite(shards / "train-000001.tar", lambda ms: [(m, d) for m, d in ms if m.name != _first_jpg(ms)])
     data = (shards / "train-000002.tar").read_bytes()
     (shards / "train-000002.tar").write_bytes(data[: len(data) // 2])
     cfg = _config(str(shards), batch_size=4, num_workers=2)
