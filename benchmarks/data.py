@@ -13,6 +13,10 @@ S3 server (moto_server started on a free 127.0.0.1 port and stopped by pid), S3 
 1 MiB reads (prefetch 0, the earlier path) and fetched whole 1 or 2 shards ahead of the parse:
 samples/s through the read path alone (fsspec + tar stream, no decode) and through the whole
 loader in one process (+ JPEG decode and the eval transform, as a DataLoader worker runs it).
+Part 3 (alone with --reader-only), the raw tar read path on local disk, no decode: ours
+(``cast.data.shards.iter_shards``: our member iterator with its damage checks, grouped by
+webdataset's ``group_by_keys``) against ``webdataset.WebDataset(urls, shardshuffle=False)``, same
+shards, the two alternating round by round; the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 from PIL import Image
 
 from cast.data import DataConfig, build_loader
+from cast.data.samples import decode_image
 from cast.data.shards import Counters, iter_shards, list_shards
 from cast.data.transforms import MocoRecipe
 from data_tools.make_shards import build_shards
@@ -63,13 +68,27 @@ def source_jpegs(count: int, seed: int = 0) -> list[bytes]:
     return out
 
 
+def photo_folder(root: Path, count: int) -> str:
+    """``count`` source JPEGs in a one-class image folder under ``root``."""
+    photos = root / "src" / "photos"
+    photos.mkdir(parents=True)
+    for i, data in enumerate(source_jpegs(count, seed=1)):
+        (photos / f"{i:06d}.jpg").write_bytes(data)
+    return str(photos.parent)
+
+
+def build_photo_shards(src: str, dest: str, count: int) -> None:
+    """Eight shards of the photo folder."""
+    build_shards(src, dest, "imagefolder", max_count=max(1, count // 8), progress=False)
+
+
 def moco_variant(recipe: MocoRecipe, provider=None, batched=None) -> Callable[[list[bytes]], None]:
     """Process a chunk of encoded samples end to end; superpixels per view, batched, or none."""
 
     def run(chunk: list[bytes]) -> None:
         all_views = []
         for data in chunk:
-            image = Image.open(io.BytesIO(data)).convert("RGB")
+            image = decode_image(data, "benchmark sample")
             views, _ = recipe.augment(image)
             if provider is not None:
                 for view in views:
@@ -151,6 +170,35 @@ def stream_rate(spec: str, prefetch: int) -> float:
     return count / elapsed
 
 
+def webdataset_rate(spec: str) -> float:
+    """Samples/s of ``webdataset.WebDataset`` on the same shards (its opener and tar iterator, no decode)."""
+    import webdataset as wds
+
+    urls = [shard.url for shard in list_shards(spec).shards]
+    t0 = time.perf_counter()
+    count = sum(1 for _ in wds.WebDataset(urls, shardshuffle=False))
+    return count / (time.perf_counter() - t0)
+
+
+def part_three(num_samples: int, rounds: int = 9) -> dict[str, list[float]]:
+    """{reader: samples/s per round} for ours and webdataset's raw read of the same local shards."""
+    with tempfile.TemporaryDirectory(prefix="bench-reader-") as tmp:
+        local = str(Path(tmp) / "shards")
+        build_photo_shards(photo_folder(Path(tmp), num_samples), local, num_samples)
+        readers = {
+            "ours (iter_shards)": lambda: stream_rate(local, 0),
+            "webdataset.WebDataset": lambda: webdataset_rate(local),
+        }
+        for rate in readers.values():  # warm the page cache and imports
+            rate()
+        results: dict[str, list[float]] = {name: [] for name in readers}
+        for round_index in range(rounds):
+            order = list(readers) if round_index % 2 == 0 else list(readers)[::-1]
+            for name in order:
+                results[name].append(readers[name]())
+    return results
+
+
 def loader_rate(spec: str, prefetch: int, size: int = 224) -> float:
     """Samples/s through the whole loader in this process: read, JPEG decode, eval transform, batches."""
     cfg = DataConfig(
@@ -196,15 +244,10 @@ def part_two(num_samples: int, rounds: int = 7) -> dict[str, dict[str, list[floa
         fsspec.filesystem("s3").clear_instance_cache()
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
         with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
-            src = Path(tmp) / "src" / "photos"
-            src.mkdir(parents=True)
-            for i, data in enumerate(source_jpegs(num_samples, seed=1)):
-                (src / f"{i:06d}.jpg").write_bytes(data)
+            src = photo_folder(Path(tmp), num_samples)
             local = str(Path(tmp) / "shards")
             for dest in (local, "s3://bench/shards"):
-                build_shards(
-                    str(src.parent), dest, "imagefolder", max_count=max(1, num_samples // 8), progress=False
-                )
+                build_photo_shards(src, dest, num_samples)
             readers = {"local disk": (local, DataConfig.prefetch_shards)}
             readers.update({s3_reader(depth): ("s3://bench/shards", depth) for depth in (0, 1, 2)})
             paths = {  # path: (rate function, rounds); decoding is slow and steadier
@@ -228,12 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=90.0, help="time budget of part 1")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--stream-samples", type=int, default=600)
-    parser.add_argument("--streaming-only", action="store_true", help="run part 2 only")
+    parser.add_argument("--streaming-only", action="store_true", help="run parts 2 and 3 only")
+    parser.add_argument("--reader-only", action="store_true", help="run part 3 only")
     args = parser.parse_args(argv)
 
-    if not args.streaming_only:
+    if not (args.streaming_only or args.reader_only):
         report_part_one(args.seconds, args.size)
-    report_part_two(args.stream_samples)
+    if not args.reader_only:
+        report_part_two(args.stream_samples)
+    report_part_three(args.stream_samples)
     return 0
 
 
@@ -268,6 +314,19 @@ def report_part_two(num_samples: int) -> None:
             )
         default = statistics.median(v / d for v, d in zip(rates[s3_reader(DataConfig.prefetch_shards)], disk))
         print(f"  S3 / disk with the default data.prefetch_shards: {default:.2f} (goal >= 0.8)")
+
+
+def report_part_three(num_samples: int) -> None:
+    results = part_three(num_samples)
+    ours, theirs = results["ours (iter_shards)"], results["webdataset.WebDataset"]
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    print(f"\nraw tar read, local disk, {num_samples} samples in 8 shards, no decode ({len(ratios)} rounds)")
+    for name, values in results.items():
+        print(f"  {name:24s} median {statistics.median(values):9.1f} samples/s  best {max(values):9.1f}")
+    print(
+        f"  ours / webdataset: median {statistics.median(ratios):.2f} "
+        f"(min {min(ratios):.2f}, max {max(ratios):.2f})"
+    )
 
 
 if __name__ == "__main__":

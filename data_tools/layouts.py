@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+from cast.data.samples import is_image_file
+
 LAYOUTS = ("imagefolder", "flat", "voc", "ade20k")
 
 
@@ -23,10 +24,6 @@ class SourceSample:
     label: int = -1
     mask: str | None = None
     meta: dict = field(default_factory=dict, compare=False, hash=False)
-
-
-def _is_image(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _key(relative: str) -> str:
@@ -53,7 +50,7 @@ def scan(src: str, layout: str, split_list: str | None = None) -> tuple[list[Sou
     if layout == "imagefolder":
         samples, classes = _imagefolder(rel)
     elif layout == "flat":
-        samples, classes = [SourceSample(_key(r), p, s) for r, (p, s) in rel.items() if _is_image(r)], []
+        samples, classes = [SourceSample(_key(r), p, s) for r, (p, s) in rel.items() if is_image_file(r)], []
     elif layout == "voc":
         samples, classes = _voc(fs, root, rel, split_list)
     else:
@@ -70,7 +67,7 @@ def scan(src: str, layout: str, split_list: str | None = None) -> tuple[list[Sou
 
 
 def _imagefolder(rel: dict[str, tuple[str, int]]) -> tuple[list[SourceSample], list[str]]:
-    images = {r: v for r, v in rel.items() if _is_image(r) and "/" in r}
+    images = {r: v for r, v in rel.items() if is_image_file(r) and "/" in r}
     classes = sorted({r.split("/", 1)[0] for r in images})
     index = {name: i for i, name in enumerate(classes)}
     samples = [
@@ -92,7 +89,7 @@ def _images_and_masks(
             if r.startswith(folder) and wanted(r)
         }
 
-    return by_stem(image_folder, _is_image), by_stem(mask_folder, lambda r: r.endswith(".png"))
+    return by_stem(image_folder, is_image_file), by_stem(mask_folder, lambda r: r.endswith(".png"))
 
 
 def _voc(

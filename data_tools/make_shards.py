@@ -5,7 +5,12 @@ source listing, the seed and the size limit, so a rerun computes the same plan a
 already committed. A shard becomes visible under its final name only when complete: locally it
 is written to a hidden temporary name and renamed; on object stores it is uploaded in one PUT
 from a local temporary file (S3 objects appear atomically). ``_info.json`` is written last, so
-its presence marks a finished data set.
+its presence marks a finished data set; its schema is ``cast.data.shards.Manifest``.
+
+Tar members are written by webdataset's ``TarWriter`` (USTAR, fixed mtime and owner: the same
+samples give the same bytes). Its ``ShardWriter`` is not used: it cuts shards as it streams, in one
+process, straight under their final names, so it can neither plan shards from the listing alone,
+nor commit them atomically, nor skip the finished ones of an interrupted run.
 
 Usage: ``python -m data_tools.make_shards --src SRC --dest DEST --layout imagefolder``
 """
@@ -14,44 +19,25 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import posixpath
 import random
 import sys
-import tarfile
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
+from webdataset import TarWriter
 
+from cast.data.samples import LABEL_KEY, MASK_KEY
+from cast.data.shards import INFO_FILE, Manifest, Shard, read_manifest
 from data_tools.layouts import LAYOUTS, SourceSample, scan
 
 TOOL_VERSION = "cast-train-shards/1"
-INFO_FILE = "_info.json"
-
-
-@dataclass
-class ShardInfo:
-    """What ``_info.json`` holds; ``url`` is where it was written."""
-
-    name: str
-    num_samples: int
-    shards: list[dict]
-    classes: list[str]
-    layout: str
-    source: str
-    tool_version: str
-    url: str = ""
-
-    @property
-    def num_shards(self) -> int:
-        return len(self.shards)
 
 
 def plan_shards(
@@ -88,29 +74,26 @@ def shard_name(name: str, index: int) -> str:
     return f"{name}-{index:06d}.tar"
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    member = tarfile.TarInfo(name)
-    member.size = len(data)
-    member.mtime = 0
-    member.mode = 0o444
-    tar.addfile(member, io.BytesIO(data))
+def _members(sample: SourceSample) -> dict:
+    """One shard sample: original image bytes, ``cls`` when labelled, ``seg.png`` mask, ``json`` metadata."""
+    with fsspec.open(sample.image, "rb") as handle:
+        image = handle.read()
+    ext = posixpath.splitext(sample.image)[1].lower().lstrip(".")
+    members = {"__key__": sample.key, "jpg" if ext == "jpeg" else ext: image}
+    if sample.label >= 0:
+        members[LABEL_KEY] = str(sample.label).encode()
+    if sample.mask is not None:
+        with fsspec.open(sample.mask, "rb") as handle:
+            members[MASK_KEY] = handle.read()
+    members["json"] = json.dumps({"source": sample.image, **sample.meta}, sort_keys=True).encode()
+    return members
 
 
 def _write_tar(samples: list[SourceSample], local_path: str) -> None:
-    with tarfile.open(local_path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in samples:
-            with fsspec.open(sample.image, "rb") as handle:
-                image = handle.read()
-            ext = posixpath.splitext(sample.image)[1].lower().lstrip(".")
-            ext = "jpg" if ext == "jpeg" else ext
-            _add_member(tar, f"{sample.key}.{ext}", image)
-            if sample.label >= 0:
-                _add_member(tar, f"{sample.key}.cls", str(sample.label).encode())
-            if sample.mask is not None:
-                with fsspec.open(sample.mask, "rb") as handle:
-                    _add_member(tar, f"{sample.key}.seg.png", handle.read())
-            meta = {"source": sample.image, **sample.meta}
-            _add_member(tar, f"{sample.key}.json", json.dumps(meta, sort_keys=True).encode())
+    with open(local_path, "wb") as stream:
+        with TarWriter(stream, encoder=False, mtime=0, user="", group="") as tar:
+            for sample in samples:
+                tar.write(_members(sample))
 
 
 def _commit(local_path: str, dest: str, final_name: str) -> None:
@@ -146,8 +129,8 @@ def build_shards(
     seed: int = 0,
     split_list: str | None = None,
     progress: bool = True,
-) -> ShardInfo:
-    """Build (or finish building) the shards of ``src`` under ``dest``; returns the written info."""
+) -> Manifest:
+    """Build (or finish building) the shards of ``src`` under ``dest``; returns the manifest as read back."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     if max_count is None and max_bytes is None:
@@ -193,23 +176,17 @@ def build_shards(
             write_shard(plan[i], dest, names[i])
             bar.update()
     bar.close()
-    info = ShardInfo(
+    manifest = Manifest(
         name=name,
-        num_samples=len(samples),
-        shards=[
-            {"url": shard, "num_samples": len(shard_samples)} for shard, shard_samples in zip(names, plan)
-        ],
+        shards=[Shard(shard, len(shard_samples)) for shard, shard_samples in zip(names, plan)],
         classes=classes,
         layout=layout,
         source=src,
         tool_version=TOOL_VERSION,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
-    record = {k: v for k, v in asdict(info).items() if k != "url"}
-    record["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    info_path = posixpath.join(root, INFO_FILE)
-    fs.pipe_file(info_path, json.dumps(record, indent=1).encode())
-    info.url = dest.rstrip("/") + "/" + INFO_FILE
-    return info
+    fs.pipe_file(posixpath.join(root, INFO_FILE), json.dumps(manifest.to_json(), indent=1).encode())
+    return read_manifest(dest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dest", required=True, help="output folder (any fsspec URL, e.g. s3://bucket/train)"
     )
     parser.add_argument("--layout", required=True, choices=LAYOUTS)
-    parser.add_argument("--name", default="train", help="shard name prefix")
+    parser.add_argument("--name", default="train", help="shard name prefix, and the split name timm reads")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--max-count", type=int, help="samples per shard (default 1000)")
     size.add_argument("--max-bytes", type=int, help="bytes per shard")
@@ -229,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split-list", help="VOC: id list (path relative to --src or a URL)")
     args = parser.parse_args(argv)
-    info = build_shards(
+    manifest = build_shards(
         args.src,
         args.dest,
         args.layout,
@@ -241,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         split_list=args.split_list,
     )
     print(
-        f"{info.num_samples} samples in {info.num_shards} shards, {len(info.classes)} classes -> {info.url}"
+        f"{manifest.num_samples} samples in {manifest.num_shards} shards, {len(manifest.classes)} classes "
+        f"-> {manifest.url}"
     )
     return 0
 

@@ -6,13 +6,11 @@ Usage: ``python -m data_tools.verify_shards DEST`` (exit 1 on any mismatch or da
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from dataclasses import dataclass, field
 
-from PIL import Image
-
-from cast.data.shards import Counters, image_key, iter_raw_samples, list_shards
+from cast.data.samples import LABEL_KEY, MASK_KEY, decode_image, decode_label, decode_mask, image_key
+from cast.data.shards import Counters, iter_raw_samples, list_shards
 
 
 @dataclass
@@ -28,28 +26,27 @@ class VerifyReport:
 
 
 def _check_sample(sample: dict, labelled: bool) -> str | None:
+    """What is wrong with a sample, decoded as the training reader decodes it (``None``: nothing)."""
     key = image_key(sample)
     if key is None:
         return "no image member"
-    if labelled and "cls" not in sample:
-        return "no cls member"
+    if labelled and LABEL_KEY not in sample:
+        return f"no {LABEL_KEY} member"
     try:
-        for member in (key, "seg.png"):
-            if member in sample:
-                with Image.open(io.BytesIO(sample[member])) as image:
-                    image.load()
-        if "cls" in sample:
-            int(sample["cls"])
+        decode_image(sample[key], f"{sample['__key__']}.{key}")
+        if MASK_KEY in sample:
+            decode_mask(sample[MASK_KEY], f"{sample['__key__']}.{MASK_KEY}")
+        decode_label(sample)
     except Exception as error:  # noqa: BLE001 - any decode failure is a finding to report
         return f"undecodable ({type(error).__name__}: {error})"
     return None
 
 
 def verify(spec: str) -> VerifyReport:
-    shard_list = list_shards(spec)
-    report = VerifyReport(num_shards=len(shard_list.shards), expected=shard_list.num_samples)
-    labelled = bool(shard_list.classes)
-    for shard in shard_list.shards:
+    shard_set = list_shards(spec)
+    report = VerifyReport(num_shards=shard_set.num_shards, expected=shard_set.num_samples)
+    labelled = bool(shard_set.classes)
+    for shard in shard_set.shards:
         counters = Counters()
         count = 0
         for sample in iter_raw_samples(shard.url, counters):

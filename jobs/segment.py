@@ -4,7 +4,7 @@
     python -m jobs.segment --random-init --model cast_tiny --size 96 --images photos/ --out seg/
 
 ``--images`` takes image files, folders, URLs (s3://, https://, ... through fsspec) or shards (a .tar,
-an ``_info.json``, or a folder holding one); repeat it or list several.
+a brace pattern of them, an ``_info.json``, or a folder holding one); repeat it or list several.
 """
 
 from __future__ import annotations

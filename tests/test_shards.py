@@ -173,3 +173,51 @@ def test_tar_members_are_webdataset_compatible(folder, tmp_path):
     assert len(samples) == 48
     assert all({"jpg", "cls", "json"} <= set(s) for s in samples)
     assert io.BytesIO(samples[0]["jpg"]).read(2) == b"\xff\xd8"
+
+
+def test_shards_are_deterministic_ustar_tars(folder, tmp_path):
+    """TarWriter with a fixed mtime and owner: the same plan gives byte-identical USTAR shards."""
+    first = build_shards(str(folder), str(tmp_path / "a"), "imagefolder", max_count=20, progress=False)
+    build_shards(str(folder), str(tmp_path / "b"), "imagefolder", max_count=20, progress=False)
+    for shard in first.shards:
+        name = Path(shard.url).name
+        data = (tmp_path / "a" / name).read_bytes()
+        assert data == (tmp_path / "b" / name).read_bytes()
+        assert data[257:265] == b"ustar\x0000"  # POSIX USTAR header magic
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            assert {(m.mtime, m.mode, m.uname) for m in tar.getmembers()} == {(0, 0o444, "")}
+
+
+def test_timm_and_webdataset_read_our_shards(folder, tmp_path):
+    """timm's ReaderWds finds our split in _info.json and yields every sample; webdataset reads them all."""
+    import webdataset as wds
+    from timm.data import create_dataset
+
+    from cast.data import list_shards
+
+    dest = tmp_path / "o"
+    ours = build_shards(str(folder), str(dest), "imagefolder", max_count=10, progress=False)  # 10+10+10+10+8
+    dataset = create_dataset("wds/cast", root=str(dest), split="train")
+    split = dataset.reader.split_info
+    assert split.name == "train" and split.num_samples == ours.num_samples == 48
+    assert list(split.filenames) == [Path(shard.url).name for shard in list_shards(str(dest)).shards]
+    assert list(split.shard_lengths) == [shard.num_samples for shard in ours.shards] == [10, 10, 10, 10, 8]
+
+    labels = {}  # key -> label, from the cls members as written
+    for shard in ours.shards:
+        for name, data in _members(shard.url).items():
+            if name.endswith(".cls"):
+                labels[name[: -len(".cls")]] = int(data)
+    seen = [(image.size, target) for image, target in dataset]
+    assert len(seen) == 48 and {size for size, _ in seen} == {(32, 32)}
+    assert sorted(target for _, target in seen) == sorted(labels.values())
+
+    samples = list(wds.WebDataset([shard.url for shard in ours.shards], shardshuffle=False))
+    assert {s["__key__"]: int(s["cls"]) for s in samples} == labels
+
+    # the README's timm command: validation shards in a sibling folder, named relative to --data-dir
+    val = build_shards(str(folder), str(tmp_path / "val"), "imagefolder", name="val", max_count=12,
+                       progress=False)
+    split = f"../val/val-{{000000..{val.num_shards - 1:06d}}}.tar|{val.num_samples}"
+    evaluation = create_dataset("wds/cast", root=str(dest), split=split)
+    assert len(evaluation) == 48 and sum(1 for _ in evaluation) == 48

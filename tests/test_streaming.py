@@ -141,6 +141,10 @@ def _rewrite(shard: Path, edit) -> None:
             tar.addfile(member, io.BytesIO(data))
 
 
+def _first_jpg(members) -> str:
+    return next(member.name for member, _ in members if member.name.endswith(".jpg"))
+
+
 def test_corrupt_image_missing_key_and_truncated_tar_are_skipped_and_counted(tmp_path, caplog):
     make_imagefolder(tmp_path / "src", num_classes=4, per_class=10, size=32)
     shards = tmp_path / "s"
@@ -148,9 +152,9 @@ def test_corrupt_image_missing_key_and_truncated_tar_are_skipped_and_counted(tmp
     # shard 0: one JPEG replaced by garbage; shard 1: one sample loses its image; shard 2: cut mid-way
     _rewrite(
         shards / "train-000000.tar",
-        lambda ms: [(m, b"not a jpeg" if m.name == ms[0][0].name else d) for m, d in ms],
+        lambda ms: [(m, b"not a jpeg" if m.name == _first_jpg(ms) else d) for m, d in ms],
     )
-    _rewrite(shards / "train-000001.tar", lambda ms: [(m, d) for m, d in ms if m.name != ms[0][0].name])
+    _rewrite(shards / "train-000001.tar", lambda ms: [(m, d) for m, d in ms if m.name != _first_jpg(ms)])
     data = (shards / "train-000002.tar").read_bytes()
     (shards / "train-000002.tar").write_bytes(data[: len(data) // 2])
     cfg = _config(str(shards), batch_size=4, num_workers=2)
@@ -251,3 +255,45 @@ def test_segmentation_batches_from_voc(tmp_path):
     assert values <= set(range(21)) | {255} and values - {255}
     assert batches[0]["label"].tolist() == [-1, -1]
     assert Counter(k for b in batches for k in b["key"]).most_common(1)[0][1] == 1
+
+
+def _small_tar(path: Path, names: list[str]) -> list[tarfile.TarInfo]:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = 700
+            tar.addfile(info, io.BytesIO(bytes(700)))
+    with tarfile.open(path) as tar:
+        return tar.getmembers()
+
+
+DAMAGE = ["member boundary", "inside a header", "no end-of-archive block", "duplicate"]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damage_webdataset_passes_over_in_silence_is_counted(tmp_path, damage):
+    """Why the member iterator is ours: on these tars webdataset's reader yields samples and no error."""
+    import webdataset as wds
+
+    shard = tmp_path / "s.tar"
+    names = [f"s{i}.{ext}" for i in range(4) for ext in ("cls", "jpg")]
+    if damage == "duplicate":
+        names.insert(3, "s1.jpg")
+    members = _small_tar(shard, names)
+    data = shard.read_bytes()
+    cut = {
+        "member boundary": members[4].offset,  # before sample 2: the tar reads as complete
+        "inside a header": members[4].offset + 100,
+        "no end-of-archive block": members[-1].offset_data + 1024,  # every member there, the end blocks cut
+        "duplicate": len(data),
+    }[damage]
+    shard.write_bytes(data[:cut])
+    counters = Counters()
+    ours = [sample["__key__"] for sample in shards.iter_raw_samples(str(shard), counters)]
+    assert counters == {"truncated_shard": 1} and str(shard) in counters.messages[0]
+    # the sample in progress at the damage is dropped: its completeness is unknown
+    assert ours == {"member boundary": ["s0"], "inside a header": ["s0"],
+                    "no end-of-archive block": ["s0", "s1", "s2"], "duplicate": ["s0"]}[damage]
+    if damage != "duplicate":  # webdataset raises on a duplicate; on the cuts it ends quietly
+        theirs = [sample["__key__"] for sample in wds.WebDataset(str(shard), shardshuffle=False)]
+        assert theirs == ours + [f"s{len(ours)}"]

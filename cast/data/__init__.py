@@ -2,7 +2,16 @@
 
 from cast.data.config import DataConfig
 from cast.data.reader import build_loader
-from cast.data.shards import Counters, list_shards, read_info
+from cast.data.shards import Counters, Manifest, ShardSetError, list_shards, read_manifest
 from cast.data.transforms import build_recipe
 
-__all__ = ["Counters", "DataConfig", "build_loader", "build_recipe", "list_shards", "read_info"]
+__all__ = [
+    "Counters",
+    "DataConfig",
+    "Manifest",
+    "ShardSetError",
+    "build_loader",
+    "build_recipe",
+    "list_shards",
+    "read_manifest",
+]

@@ -23,18 +23,17 @@ into ``loader.counters``.
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cast.data.config import DataConfig
-from cast.data.shards import Counters, Shard, ShardList, image_key, iter_shards, list_shards
+from cast.data.samples import LABEL_KEY, MASK_KEY, decode_image, decode_label, decode_mask, image_key
+from cast.data.shards import Counters, Manifest, Shard, iter_shards, list_shards
 from cast.data.transforms import Recipe, build_recipe
 
 log = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ class ShardStream(IterableDataset):
     def __init__(
         self,
         cfg: DataConfig,
-        shard_list: ShardList,
+        shard_set: Manifest,
         *,
         rank: int,
         world_size: int,
@@ -87,19 +86,19 @@ class ShardStream(IterableDataset):
         self.cfg = cfg
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
         self.provider = provider
-        self.labelled = bool(shard_list.classes)
+        self.labelled = bool(shard_set.classes)
         self.num_workers = max(1, cfg.num_workers)
         self.readers = assign_shards(
-            shard_list.shards, world_size * self.num_workers, cfg.seed, epoch, cfg.shuffle
+            shard_set.shards, world_size * self.num_workers, cfg.seed, epoch, cfg.shuffle
         )
         if cfg.drop_remainder:
-            self.total = batches_per_rank(shard_list.num_samples, world_size, cfg.batch_size)
+            self.total = batches_per_rank(shard_set.num_samples, world_size, cfg.batch_size)
         else:
             own = self.readers[rank * self.num_workers : (rank + 1) * self.num_workers]
             self.total = sum(-(-sum(s.num_samples for s in shards) // cfg.batch_size) for shards in own)
         if self.total == 0:
             raise ValueError(
-                f"{shard_list.num_samples} samples give no batch of {cfg.batch_size} on each of "
+                f"{shard_set.num_samples} samples give no batch of {cfg.batch_size} on each of "
                 f"{world_size} ranks; lower data.batch_size"
             )
         self.start_batch = min(start_batch, self.total)
@@ -207,10 +206,10 @@ class ShardStream(IterableDataset):
         missing = []
         if image_key(sample) is None:
             missing.append("image")
-        if self.labelled and self.cfg.recipe != "segmentation" and "cls" not in sample:
-            missing.append("cls")
-        if self.cfg.recipe == "segmentation" and "seg.png" not in sample:
-            missing.append("seg.png")
+        if self.labelled and self.cfg.recipe != "segmentation" and LABEL_KEY not in sample:
+            missing.append(LABEL_KEY)
+        if self.cfg.recipe == "segmentation" and MASK_KEY not in sample:
+            missing.append(MASK_KEY)
         if missing:
             message = f"{sample['__url__']}: sample {sample['__key__']} lacks {', '.join(missing)}; skipped"
             counters.record("missing_key", message if report else None)
@@ -219,13 +218,12 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample: dict, counters: Counters) -> dict | None:
         try:
-            image = Image.open(io.BytesIO(sample[image_key(sample)]))
-            image = image.convert("RGB")
+            key, ext = sample["__key__"], image_key(sample)
+            image = decode_image(sample[ext], f"{key}.{ext}")
             mask = None
             if self.cfg.recipe == "segmentation":
-                mask = Image.open(io.BytesIO(sample["seg.png"]))
-                mask.load()
-            label = int(sample["cls"]) if "cls" in sample else -1
+                mask = decode_mask(sample[MASK_KEY], f"{key}.{MASK_KEY}")
+            label = decode_label(sample)
         except Exception as error:  # noqa: BLE001 - any undecodable sample is skipped and counted
             if sample["__key__"] in self._reported:  # seen on an earlier pass of a wrapped-around reader
                 return None

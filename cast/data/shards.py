@@ -1,14 +1,26 @@
-"""Shard listing and streaming: every URL is opened through fsspec (local, file://, s3://, ...).
+"""The one shard layer: list a shard set, read its manifest, iterate the samples of its tars.
 
-WebDataset has no ``s3://`` opener of its own, so shards are read here with ``tarfile`` in
-stream mode over an fsspec file object. Samples are grouped by key (the member name up to the
-first dot of its basename), exactly as WebDataset does; damaged input is reported to a
-``Counters`` object and skipped, never raised.
+Every consumer goes through here: the training reader, evaluation, the segment job,
+``data_tools.verify_shards`` and the benchmarks. Every URL is opened through fsspec (local,
+``file://``, ``s3://``, ...), which webdataset's own openers do not cover.
+
+A shard set is a folder/URL holding ``_info.json`` (or that file itself), a brace pattern of tar
+URLs, or one ``.tar``. ``_info.json`` follows one schema, ``Manifest``: our fields plus timm's
+``splits`` section, so timm's ``ReaderWds`` trains on our shards unchanged; a manifest that only has
+timm's ``splits`` reads too. Anything missing or malformed raises ``ShardSetError``, naming the URL.
+
+Reading a tar: our member iterator (``tarfile`` in stream mode) feeds webdataset's
+``group_by_keys``, which groups members into samples by key (member name up to the first dot of
+its basename). The member iterator is ours because it must see damage that ``tarfile`` and
+webdataset's ``tar_file_iterator`` pass over in silence: a member shorter than its header says, and
+a tar cut at a member boundary (no end-of-archive block). It raises at the damage point; the error
+passes through ``group_by_keys``, which drops the sample in progress (its completeness is unknown);
+``iter_raw_samples`` counts the damage in ``Counters`` and ends the shard, never raises.
 
 Remote shards (any non-local fsspec URL) are fetched whole, one GET each, by a background thread
 ``prefetch`` shards ahead of the one being parsed (MosaicML ``predownload`` / webdataset#300): the
 next download overlaps the current parse instead of paying per-read round trips. Memory per reader
-is bounded by ``prefetch + 1`` shards. Local files are read in place, as before.
+is bounded by ``prefetch + 1`` shards. Local files are read in place.
 """
 
 from __future__ import annotations
@@ -20,30 +32,257 @@ import tarfile
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import braceexpand
 import fsspec
+from webdataset.tariterators import group_by_keys
 
 INFO_FILE = "_info.json"
-READ_BUFFER = 1 << 20  # tar stream reads of 1 MiB: per-call overhead of remote files dominates at 16 KiB
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+# streamed files are read 1 MiB at a time (per-call overhead of remote files dominates at 16 KiB) through
+# a BufferedReader: tarfile's own stream buffer must stay small, it re-slices itself on every read
+READ_BUFFER = 1 << 20
+BRACE_EXAMPLE = "s3://bucket/train-{000000..000099}.tar"
+
+
+class ShardSetError(ValueError):
+    """A shard set that is missing or malformed; the message names its URL and what was expected."""
 
 
 @dataclass(frozen=True)
 class Shard:
-    url: str
+    url: str  # absolute once read from a manifest; relative to the manifest's folder when written
     num_samples: int
 
 
+@dataclass(frozen=True)
+class Split:
+    """timm's view of a shard set (``ReaderWds`` reads ``splits.<name>``), names relative to the folder."""
+
+    name: str
+    num_samples: int
+    filenames: tuple[str, ...]
+    shard_lengths: tuple[int, ...]
+
+
 @dataclass
-class ShardList:
-    shards: list[Shard]
-    classes: list[str]
-    info: dict
+class Manifest:
+    """What ``_info.json`` holds: one schema, a superset of timm's ``_info.json``.
+
+    Serialised fields: ``name``, ``num_samples``, ``shards: [{url, num_samples}]``, ``classes``,
+    ``layout``, ``source``, ``tool_version``, ``created`` and ``splits: {name: {name, num_samples,
+    filenames, shard_lengths}}`` (derived from ``shards`` when written). ``url`` is where the
+    manifest was read from or written to; it is not serialised.
+    """
+
+    name: str = ""
+    shards: list[Shard] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    layout: str = ""
+    source: str = ""
+    tool_version: str = ""
+    created: str = ""
+    splits: dict[str, Split] = field(default_factory=dict)
+    url: str = ""
 
     @property
     def num_samples(self) -> int:
         return sum(shard.num_samples for shard in self.shards)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    def to_json(self) -> dict:
+        """The JSON record; this set's own split (named ``name``) is written from ``shards``."""
+        own = Split(
+            self.name,
+            self.num_samples,
+            tuple(shard.url for shard in self.shards),
+            tuple(shard.num_samples for shard in self.shards),
+        )
+        splits = {**self.splits, self.name: own} if self.shards else dict(self.splits)
+        return {
+            "name": self.name,
+            "num_samples": self.num_samples,
+            "shards": [{"url": shard.url, "num_samples": shard.num_samples} for shard in self.shards],
+            "classes": list(self.classes),
+            "layout": self.layout,
+            "source": self.source,
+            "tool_version": self.tool_version,
+            "created": self.created,
+            "splits": {
+                key: {
+                    "name": split.name,
+                    "num_samples": split.num_samples,
+                    "filenames": list(split.filenames),
+                    "shard_lengths": list(split.shard_lengths),
+                }
+                for key, split in splits.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, record: object, url: str) -> Manifest:
+        """Parse and check a record read from ``url``; shard names are resolved against its folder.
+
+        Takes ours (``shards``) or timm's (``splits`` only: a single split gives the shards; with
+        several, ``shards`` stays empty and a brace pattern picks one).
+        """
+        if not isinstance(record, dict):
+            raise ShardSetError(f"{url}: expected a JSON object, got {type(record).__name__}")
+        splits = {
+            str(key): _parse_split(value, f"{url}: splits.{key}")
+            for key, value in _typed(record, "splits", dict, url, {}).items()
+        }
+        if "shards" in record:
+            entries = _typed(record, "shards", list, url, [])
+            shards = [_parse_shard(entry, url) for entry in entries]
+        elif len(splits) == 1:
+            (only,) = splits.values()
+            shards = [Shard(name, length) for name, length in zip(only.filenames, only.shard_lengths)]
+        elif splits:
+            shards = []  # several timm splits: a brace pattern picks one
+        else:
+            raise ShardSetError(f"{url}: expected 'shards' (cast-train) or 'splits' (timm), found neither")
+        folder = url.rsplit("/", 1)[0] if "/" in url else "."
+        manifest = cls(
+            name=str(record.get("name") or ""),
+            shards=[Shard(_resolve(shard.url, folder), shard.num_samples) for shard in shards],
+            classes=[str(name) for name in _typed(record, "classes", list, url, [])],
+            layout=str(record.get("layout") or ""),
+            source=str(record.get("source") or ""),
+            tool_version=str(record.get("tool_version") or ""),
+            created=str(record.get("created") or ""),
+            splits=splits,
+            url=url,
+        )
+        stated = record.get("num_samples")
+        if "shards" in record and stated is not None and stated != manifest.num_samples:
+            raise ShardSetError(
+                f"{url}: 'num_samples' is {stated} but its shards hold {manifest.num_samples} samples"
+            )
+        return manifest
+
+
+def _typed(record: dict, key: str, kind: type, url: str, default):
+    value = record.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, kind):
+        raise ShardSetError(f"{url}: {key!r} must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _count(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ShardSetError(f"{where}: expected a sample count (integer >= 0), got {value!r}")
+    return value
+
+
+def _parse_shard(entry: object, url: str) -> Shard:
+    name = (entry.get("url") or entry.get("name")) if isinstance(entry, dict) else None
+    if not isinstance(name, str) or "num_samples" not in entry:
+        raise ShardSetError(f"{url}: each shard entry needs 'url' (or 'name') and 'num_samples', got {entry}")
+    return Shard(name, _count(entry["num_samples"], f"{url}: shard {name}"))
+
+
+def _parse_split(value: object, where: str) -> Split:
+    if not isinstance(value, dict) or not {"filenames", "shard_lengths"} <= set(value):
+        raise ShardSetError(f"{where}: expected {{name, num_samples, filenames, shard_lengths}}, got {value}")
+    filenames, lengths = value["filenames"], value["shard_lengths"]
+    if not isinstance(filenames, list) or not isinstance(lengths, list) or len(filenames) != len(lengths):
+        raise ShardSetError(f"{where}: 'filenames' and 'shard_lengths' must be lists of the same length")
+    lengths = [_count(length, where) for length in lengths]
+    stated = value.get("num_samples")
+    num_samples = sum(lengths) if stated is None else _count(stated, where)
+    names = tuple(str(name) for name in filenames)
+    return Split(str(value.get("name") or ""), num_samples, names, tuple(lengths))
+
+
+def _resolve(name: str, folder: str) -> str:
+    return name if "://" in name or name.startswith("/") else f"{folder}/{name}"
+
+
+def manifest_url(spec: str) -> str:
+    """The ``_info.json`` URL of a shard folder (or the ``.json`` file itself)."""
+    return spec if spec.endswith(".json") else spec.rstrip("/") + "/" + INFO_FILE
+
+
+def _load_manifest(info_url: str) -> Manifest | None:
+    """The manifest at ``info_url``, ``None`` when there is no such file: the only ``_info.json`` parser."""
+    try:
+        with fsspec.open(info_url, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ShardSetError(f"{info_url}: not valid JSON ({error})") from error
+    return Manifest.from_json(record, info_url)
+
+
+def read_manifest(spec: str) -> Manifest:
+    """The manifest of a shard folder/URL (or of its ``_info.json``)."""
+    info_url = manifest_url(spec)
+    manifest = _load_manifest(info_url)
+    if manifest is None:
+        raise ShardSetError(
+            f"{spec}: no {INFO_FILE} at {info_url} (expected a shard folder holding {INFO_FILE}, the file "
+            f"itself, or a brace pattern such as {BRACE_EXAMPLE}; build shards with "
+            "`python -m data_tools.make_shards`)"
+        )
+    return manifest
+
+
+def is_pattern(spec: str) -> bool:
+    """A brace pattern of tar URLs or a single ``.tar`` (as opposed to a folder with a manifest)."""
+    return spec.endswith(".tar") or "{" in spec
+
+
+def is_shard_set(spec: str) -> bool:
+    """Whether ``spec`` names shards: a ``.tar``, a brace pattern, ``_info.json`` or a folder holding it."""
+    if is_pattern(spec) or spec.endswith(INFO_FILE):
+        return True
+    fs, path = fsspec.core.url_to_fs(spec)
+    return fs.isdir(path) and fs.exists(posixpath.join(path, INFO_FILE))
+
+
+def list_shards(spec: str) -> Manifest:
+    """The shards of a shard set with their sample counts.
+
+    For a brace pattern or a single ``.tar`` the counts come from a sibling ``_info.json`` when
+    there is one (ours or timm's), else from reading the tar headers; classes come from it too.
+    """
+    if not is_pattern(spec):
+        manifest = read_manifest(spec)
+        if not manifest.shards:
+            found = f"splits {sorted(manifest.splits)}" if manifest.splits else "no shards"
+            raise ShardSetError(
+                f"{manifest.url}: lists {found}; expected at least one shard (for one split of several, give "
+                f"its shards as a brace pattern such as {BRACE_EXAMPLE})"
+            )
+        return manifest
+    urls = list(braceexpand.braceexpand(spec))
+    sibling = _load_manifest(manifest_url(posixpath.dirname(urls[0]))) or Manifest()
+    known = {posixpath.basename(shard.url): shard.num_samples for shard in sibling.shards}
+    for split in sibling.splits.values():
+        known.update(zip((posixpath.basename(name) for name in split.filenames), split.shard_lengths))
+    shards = [
+        Shard(url, known[posixpath.basename(url)] if posixpath.basename(url) in known else count_samples(url))
+        for url in urls
+    ]
+    return Manifest(
+        name=sibling.name,
+        shards=shards,
+        classes=sibling.classes,
+        layout=sibling.layout,
+        source=sibling.source,
+        tool_version=sibling.tool_version,
+        created=sibling.created,
+        url=sibling.url,
+    )
 
 
 class Counters(Counter):
@@ -65,124 +304,59 @@ class Counters(Counter):
         self.messages = []
 
 
-def _expand(pattern: str) -> list[str]:
-    import braceexpand
+def _tar_members(handle, url: str, size: int | None) -> Iterator[dict]:
+    """``{fname, data, __url__}`` of every file member, in tar order; ``tarfile.ReadError`` at damage.
 
-    return list(braceexpand.braceexpand(pattern))
+    The only place a tar is opened for reading. ``size`` (the object's length, when known) lets us
+    see a cut at a member boundary, which ``tarfile`` ends on quietly.
+    """
+    with tarfile.open(fileobj=handle, mode="r|") as tar:
+        for member in tar:
+            if member.isfile():
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} short by {member.size - len(data)} bytes")
+                yield {"fname": member.name, "data": data, "__url__": url}
+            tar.members = []  # stream mode keeps every header it has read otherwise
+        # a complete archive has its end-of-archive block after the last member
+        if size is not None and size - tar.offset < tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"no end-of-archive block after byte {tar.offset} of {size}")
 
 
-def read_info(url: str) -> tuple[dict, str]:
-    """``_info.json`` of a shard folder (or the file itself); returns it and its URL."""
-    info_url = url if url.endswith(".json") else url.rstrip("/") + "/" + INFO_FILE
-    try:
-        with fsspec.open(info_url, "rb") as handle:
-            return json.loads(handle.read()), info_url
-    except FileNotFoundError as error:
-        raise FileNotFoundError(
-            f"{info_url}: no shard info; build shards with `python -m data_tools.make_shards` "
-            "or give a brace pattern such as s3://bucket/train-{000000..000099}.tar"
-        ) from error
+def _duplicate_member(error: Exception) -> bool:
+    """``group_by_keys`` handler: two members with the same key and extension make a damaged tar."""
+    raise tarfile.ReadError(str(error.args[0]) if error.args else repr(error)) from error
 
 
-def list_shards(spec: str) -> ShardList:
-    """Shards of a folder/URL with ``_info.json``, or of a brace pattern (counts from a sibling
-    ``_info.json`` when there is one, else by reading the tar headers)."""
-    if spec.endswith(".tar") or "{" in spec:
-        urls = _expand(spec)
-        folder = posixpath.dirname(urls[0])
-        try:
-            info, _ = read_info(folder)
-            known = {
-                posixpath.basename(entry.get("url") or entry["name"]): entry["num_samples"]
-                for entry in info["shards"]
-            }
-        except FileNotFoundError:
-            info, known = {}, {}
-        shards = [
-            Shard(
-                url,
-                known[posixpath.basename(url)] if posixpath.basename(url) in known else count_samples(url),
-            )
-            for url in urls
-        ]
-        return ShardList(shards, list(info.get("classes") or []), info)
-    info, info_url = read_info(spec)
-    base = posixpath.dirname(info_url) if "://" not in info_url else info_url.rsplit("/", 1)[0]
-    for field in ("shards", "num_samples"):
-        if field not in info:
-            raise ValueError(f"{info_url}: field {field!r} missing")
-    shards = []
-    for entry in info["shards"]:
-        name = entry.get("url") or entry.get("name")
-        if name is None or "num_samples" not in entry:
-            raise ValueError(
-                f"{info_url}: each shard entry needs 'url' (or 'name') and 'num_samples', got {entry}"
-            )
-        url = name if "://" in name or name.startswith("/") else f"{base}/{name}"
-        shards.append(Shard(url, int(entry["num_samples"])))
-    return ShardList(shards, list(info.get("classes") or []), info)
+def iter_tar_samples(url: str, fetched: Future | None = None) -> Iterator[dict]:
+    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one tar, in tar order; read from
+    ``fetched`` (a future of the whole object's bytes) when given, else streamed from ``url``.
+    Damage raises (``tarfile.TarError``, ``OSError``, ``EOFError``) after the samples before it."""
+    whole = fetched.result() if fetched is not None else None
+    if whole is not None:
+        yield from group_by_keys(_tar_members(io.BytesIO(whole), url, len(whole)), handler=_duplicate_member)
+        return
+    with fsspec.open(url, "rb") as handle:
+        members = _tar_members(io.BufferedReader(handle, READ_BUFFER), url, getattr(handle, "size", None))
+        yield from group_by_keys(members, handler=_duplicate_member)
 
 
 def count_samples(url: str) -> int:
-    keys = set()
-    with (
-        fsspec.open(url, "rb") as handle,
-        tarfile.open(fileobj=handle, mode="r|", bufsize=READ_BUFFER) as tar,
-    ):
-        for member in tar:
-            if member.isfile():
-                keys.add(split_name(member.name)[0])
-    return len(keys)
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """``dir/abc.seg.png`` -> (``dir/abc``, ``seg.png``)."""
-    folder, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return (posixpath.join(folder, stem) if folder else stem), ext.lower()
+    return sum(1 for _ in iter_tar_samples(url))
 
 
 def iter_raw_samples(
     url: str, counters: Counters, report: bool = True, fetched: Future | None = None
 ) -> Iterator[dict]:
-    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard, in tar order; read from
-    ``fetched`` (a future of the whole shard's bytes) when given, else streamed from ``url``.
-
-    A truncated or unreadable tar ends the shard early (counted as ``truncated_shard``); samples
-    read before the damage are kept, the one in progress is dropped. A failed fetch counts the same,
-    and so does a tar without its end-of-archive block (cut at a member boundary).
-    """
-    current: dict | None = None
+    """``iter_tar_samples`` that never raises on damage: a truncated or unreadable tar ends the
+    shard early (counted as ``truncated_shard``); samples read before the damage are kept, the one
+    in progress is dropped. A failed fetch counts the same, and so does a tar without its
+    end-of-archive block (cut at a member boundary)."""
     try:
-        whole = fetched.result() if fetched is not None else None
-        with (
-            io.BytesIO(whole) if whole is not None else fsspec.open(url, "rb") as handle,
-            tarfile.open(fileobj=handle, mode="r|", bufsize=READ_BUFFER) as tar,
-        ):
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_name(member.name)
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name} short by {member.size - len(data)} bytes")
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                current[ext] = data
-            # tarfile ends quietly when the cut falls between or inside headers: a complete archive
-            # has its end-of-archive block after the last member
-            size = len(whole) if whole is not None else getattr(handle, "size", None)
-            if size is not None and size - tar.offset < tarfile.BLOCKSIZE:
-                raise tarfile.ReadError(f"no end-of-archive block after byte {tar.offset} of {size}")
+        yield from iter_tar_samples(url, fetched)
     except (tarfile.TarError, EOFError, OSError) as error:
         message = f"{url}: damaged tar ({type(error).__name__}: {error}); rest of the shard skipped"
         counters.record("truncated_shard", message if report else None)
-        return
-    if current is not None:
-        yield current
 
 
 def is_local(url: str) -> bool:
@@ -221,7 +395,3 @@ def iter_shards(
     finally:  # consumer stopped early: drop queued downloads, do not wait for the running one
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
-
-
-def image_key(sample: dict) -> str | None:
-    return next((key for key in IMAGE_KEYS if key in sample), None)

@@ -6,19 +6,16 @@ at full resolution, so segment borders follow superpixel borders at the view's p
 
 from __future__ import annotations
 
-import io
-import json
 import posixpath
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
-SHARD_INFO = "_info.json"
+from cast.data.samples import IMAGE_EXTENSIONS, decode_image, image_key, is_image_file
+from cast.data.shards import INFO_FILE, Counters, is_shard_set, iter_raw_samples, list_shards
 
 
 @dataclass
@@ -27,95 +24,39 @@ class NamedImage:
     image: np.ndarray  # uint8 [H, W, 3]
 
 
-def _is_image(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _decode(payload: bytes, source: str) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(payload)) as picture:
-            return np.asarray(picture.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{source}: not a readable image ({error})") from error
-
-
-def read_shard_info(source: str) -> tuple[dict, str]:
-    """(``_info.json`` contents, its URL) of a shard set given the file or its folder."""
-    fs, path = fsspec.core.url_to_fs(source)
-    info_path = path if path.endswith(SHARD_INFO) else posixpath.join(path, SHARD_INFO)
-    if not fs.exists(info_path):
-        raise ValueError(f"{source}: no {SHARD_INFO} (expected a shard folder or its {SHARD_INFO})")
-    with fs.open(info_path, "r") as handle:
-        try:
-            return json.load(handle), fs.unstrip_protocol(info_path)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{info_path}: not valid JSON ({error})") from error
-
-
-def _shard_urls(source: str) -> list[str]:
-    """Tar URLs of a shard set given its ``_info.json``, its directory, or one ``.tar``."""
-    fs, path = fsspec.core.url_to_fs(source)
-    if path.endswith(".tar"):
-        return [source]
-    info, info_url = read_shard_info(source)
-    info_path = fsspec.core.url_to_fs(info_url)[1]
-    base = posixpath.dirname(info_path)
-    urls = []
-    for shard in info.get("shards", []):
-        name = shard.get("url") or shard.get("name")
-        if name is None:
-            raise ValueError(f"{info_path}: a shard entry has neither 'url' nor 'name': {shard}")
-        absolute = "://" in name or name.startswith("/")
-        urls.append(name if absolute else fs.unstrip_protocol(posixpath.join(base, name)))
-    if not urls:
-        raise ValueError(f"{info_path}: lists no shards")
-    return urls
-
-
-def _iter_shard_images(url: str) -> Iterator[NamedImage]:
-    """The first image member of every sample (``__key__`` = member name up to the first dot)."""
-    with fsspec.open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
-        seen: set[str] = set()
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = posixpath.basename(member.name)
-            key, _, extension = base.partition(".")
-            key = posixpath.join(posixpath.dirname(member.name), key)
-            if key in seen or not _is_image(f".{extension}") or extension == "seg.png":
-                continue
-            seen.add(key)
-            payload = tar.extractfile(member).read()
-            yield NamedImage(key.replace("/", "_"), _decode(payload, f"{url}:{member.name}"))
+def _iter_shard_images(source: str) -> Iterator[NamedImage]:
+    """The image of every sample of a shard set (named by ``__key__``; samples without one are passed
+    over); a damaged tar raises ``ValueError`` naming it, after the images read before the damage."""
+    for shard in list_shards(source).shards:
+        damage = Counters()
+        for sample in iter_raw_samples(shard.url, damage):
+            key = image_key(sample)
+            if key is not None:
+                image = decode_image(sample[key], f"{shard.url}:{sample['__key__']}.{key}")
+                yield NamedImage(sample["__key__"].replace("/", "_"), np.asarray(image))
+        if damage:
+            raise ValueError(damage.messages[0])
 
 
 def _image_urls(source: str) -> list[str]:
     fs, path = fsspec.core.url_to_fs(source)
-    if _is_image(path):
+    if is_image_file(path):
         return [source]
     if fs.isdir(path):
-        found = sorted(p for p in fs.find(path) if _is_image(p))
+        found = sorted(p for p in fs.find(path) if is_image_file(p))
         if not found:
             raise ValueError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
         return [fs.unstrip_protocol(p) if "://" in source else p for p in found]
     raise ValueError(f"{source}: expected an image file/URL, a folder of images, or shards "
-                     f"(a .tar, or a folder/URL with {SHARD_INFO})")
-
-
-def is_shard_source(source: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(source)
-    if path.endswith((".tar", SHARD_INFO)):
-        return True
-    return fs.isdir(path) and fs.exists(posixpath.join(path, SHARD_INFO))
+                     f"(a .tar, or a folder/URL with {INFO_FILE})")
 
 
 def iter_images(sources: list[str]) -> Iterator[NamedImage]:
     """Decoded images of every source, in order, with output names made unique (``name``, ``name_1``, ...)."""
     used: dict[str, int] = {}
     for source in sources:
-        if is_shard_source(source):
-            items: Iterator[NamedImage] = (
-                item for url in _shard_urls(source) for item in _iter_shard_images(url))
+        if is_shard_set(source):
+            items: Iterator[NamedImage] = _iter_shard_images(source)
         else:
             items = (_read_image(url) for url in _image_urls(source))
         for item in items:
@@ -128,7 +69,7 @@ def _read_image(url: str) -> NamedImage:
     with fsspec.open(url, "rb") as handle:
         payload = handle.read()
     stem = posixpath.basename(url.rstrip("/")).rsplit(".", 1)[0] or "image"
-    return NamedImage(stem, _decode(payload, url))
+    return NamedImage(stem, np.asarray(decode_image(payload, url)))
 
 
 def centre_view(image: np.ndarray, size: int) -> np.ndarray:

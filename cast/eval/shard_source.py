@@ -6,8 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cast.data import DataConfig, build_loader
-from cast.eval.images import read_shard_info
+from cast.data import DataConfig, ShardSetError, build_loader, read_manifest
 from cast.superpixels import SuperpixelProvider
 
 
@@ -21,11 +20,12 @@ class ShardBatches:
     provider: SuperpixelProvider
 
     def class_names(self, url: str) -> list[str]:
-        info, info_url = read_shard_info(url)
-        classes = info.get("classes")
-        if not classes:
-            raise ValueError(f"{info_url}: 'classes' is empty or missing; evaluation needs labelled shards")
-        return list(classes)
+        manifest = read_manifest(url)
+        if not manifest.classes:
+            raise ShardSetError(
+                f"{manifest.url}: 'classes' is empty or missing; evaluation needs labelled shards"
+            )
+        return manifest.classes
 
     def batches(self, url: str) -> Iterable[dict]:
         config = DataConfig(shards=url, recipe="eval", image_size=self.size, batch_size=self.batch_size,
