@@ -25,6 +25,7 @@ is bounded by ``prefetch + 1`` shards. Local files are read in place.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import posixpath
@@ -273,16 +274,7 @@ def list_shards(spec: str) -> Manifest:
         Shard(url, known[posixpath.basename(url)] if posixpath.basename(url) in known else count_samples(url))
         for url in urls
     ]
-    return Manifest(
-        name=sibling.name,
-        shards=shards,
-        classes=sibling.classes,
-        layout=sibling.layout,
-        source=sibling.source,
-        tool_version=sibling.tool_version,
-        created=sibling.created,
-        url=sibling.url,
-    )
+    return dataclasses.replace(sibling, shards=shards, splits={})
 
 
 class Counters(Counter):
