@@ -37,13 +37,18 @@ def write_text(location: str, text: str) -> str:
 
     The parent folder is created; a crash mid-write leaves at most ``<location>.partial`` behind.
     """
+    return write_bytes(location, text.encode())
+
+
+def write_bytes(location: str, data: bytes) -> str:
+    """``write_text`` for bytes (feature shards, tensors): never half a file under ``location``."""
     fs, path = fsspec.core.url_to_fs(location)
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
     temporary = f"{path}.partial"
-    with fs.open(temporary, "w") as handle:
-        handle.write(text)
+    with fs.open(temporary, "wb") as handle:
+        handle.write(data)
     fs.mv(temporary, path)
     return location
 

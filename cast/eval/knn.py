@@ -4,6 +4,11 @@ Features are L2-normalised, so the dot product is the cosine similarity. Each of
 nearest training samples votes for its label with weight ``exp(similarity / temperature)``; the class
 with the largest summed weight wins (ties go to the lower class index). Weights are computed relative to
 the nearest neighbour's (a common factor per sample), so small temperatures cannot overflow.
+
+Top-k runs in blocks (``nearest_neighbours``): ``query_block`` test rows against ``bank_block`` bank rows
+at a time, keeping a running top-k, so the largest temporary is a ``query_block x bank_block``
+similarity tile whatever the bank size (1.28M ImageNet features included). The bank is normalised in
+place when the caller allows it (``normalised=True`` says it already is), so it is never held twice.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import torch.nn.functional as F
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
+QUERY_BLOCK = 1024
+BANK_BLOCK = 65536
 
 
 def _check(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
@@ -32,6 +39,29 @@ def _check(train_features: torch.Tensor, train_labels: torch.Tensor, test_featur
 
 
 @torch.no_grad()
+def nearest_neighbours(bank: torch.Tensor, queries: torch.Tensor, k: int,
+                       bank_block: int = BANK_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(similarities, bank indices), each [Q, k] in descending similarity, of unit-norm ``queries``
+    against the unit-norm ``bank``, computed ``bank_block`` bank rows at a time (ties: lower index)."""
+    best_sim = queries.new_full((queries.shape[0], 0), float("-inf"))
+    best_index = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=queries.device)
+    for start in range(0, bank.shape[0], bank_block):
+        block = bank[start:start + bank_block]
+        similarity = queries @ block.T
+        sim, index = similarity.topk(min(k, block.shape[0]), dim=1)
+        # candidates in index order (earlier blocks first), so a stable sort keeps ties at the lower index
+        best_sim, order = torch.cat([best_sim, sim], dim=1).sort(dim=1, descending=True, stable=True)
+        best_index = torch.cat([best_index, index + start], dim=1).gather(1, order)
+        best_sim, best_index = best_sim[:, :k], best_index[:, :k]
+    return best_sim, best_index
+
+
+def normalise_rows_(features: torch.Tensor) -> torch.Tensor:
+    """L2-normalise the rows of a float tensor in place (no second copy of a large bank)."""
+    return features.div_(features.norm(dim=1, keepdim=True).clamp_min_(1e-12))
+
+
+@torch.no_grad()
 def knn_scores(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -39,17 +69,20 @@ def knn_scores(
     num_classes: int,
     k: int = DEFAULT_K,
     temperature: float = DEFAULT_TEMPERATURE,
-    chunk_size: int = 1024,
+    query_block: int = QUERY_BLOCK,
+    bank_block: int = BANK_BLOCK,
+    normalised: bool = False,
 ) -> torch.Tensor:
     """Summed vote weights per class, float [N_test, num_classes], scaled so the nearest neighbour weighs
-    1 (test samples go in chunks to bound memory)."""
+    1. The bank stays where it is (put it on the GPU to score there); ``normalised=True`` when its rows
+    already have unit norm (``FeatureBank``), else a normalised float32 copy is made."""
     _check(train_features, train_labels, test_features, num_classes, k)
-    train = F.normalize(train_features.float(), dim=1)
+    train = train_features if normalised else F.normalize(train_features.float(), dim=1)
     labels = train_labels.to(train.device).long()
     scores = []
-    for start in range(0, test_features.shape[0], chunk_size):
-        test = F.normalize(test_features[start:start + chunk_size].float().to(train.device), dim=1)
-        similarity, neighbours = (test @ train.T).topk(k, dim=1)
+    for start in range(0, test_features.shape[0], query_block):
+        test = F.normalize(test_features[start:start + query_block].float().to(train.device), dim=1)
+        similarity, neighbours = nearest_neighbours(train, test, k, bank_block)
         weights = ((similarity - similarity[:, :1]) / temperature).exp()
         votes = torch.zeros(test.shape[0], num_classes, device=train.device, dtype=weights.dtype)
         votes.scatter_add_(1, labels[neighbours], weights)
@@ -65,6 +98,13 @@ def knn_predict(train_features, train_labels, test_features, num_classes: int, k
     return knn_scores(train_features, train_labels, test_features, num_classes, k, temperature).argmax(dim=1)
 
 
+def top_hits(scores: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(top-1 hits, top-5 hits) of per-class ``scores`` [N, C] against true ``labels`` [N]."""
+    truth = labels.to(scores.device).long()[:, None]
+    ranked = scores.argsort(dim=1, descending=True, stable=True)
+    return int((ranked[:, :1] == truth).any(dim=1).sum()), int((ranked[:, :5] == truth).any(dim=1).sum())
+
+
 def knn_accuracy(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -73,15 +113,20 @@ def knn_accuracy(
     num_classes: int,
     k: int = DEFAULT_K,
     temperature: float = DEFAULT_TEMPERATURE,
+    **blocks,
 ) -> dict[str, float]:
     """Top-1 and top-5 accuracy (in %) of the weighted vote, plus the settings used."""
     if test_labels.shape != (test_features.shape[0],):
         raise ValueError(f"knn: test labels {tuple(test_labels.shape)} do not match "
                          f"{test_features.shape[0]} test features")
-    scores = knn_scores(train_features, train_labels, test_features, num_classes, k, temperature)
-    truth = test_labels.to(scores.device).long()[:, None]
-    ranked = scores.argsort(dim=1, descending=True, stable=True)
-    top1 = (ranked[:, :1] == truth).any(dim=1).float().mean().item() * 100
-    top5 = (ranked[:, :5] == truth).any(dim=1).float().mean().item() * 100
-    return {"top1": top1, "top5": top5, "k": k, "temperature": temperature,
-            "train_samples": int(train_features.shape[0]), "test_samples": int(test_features.shape[0])}
+    scores = knn_scores(train_features, train_labels, test_features, num_classes, k, temperature, **blocks)
+    top1, top5 = top_hits(scores, test_labels)
+    return knn_summary(top1, top5, k, temperature, train_features.shape[0], test_features.shape[0])
+
+
+def knn_summary(top1_hits: int, top5_hits: int, k: int, temperature: float, train_samples: int,
+                test_samples: int) -> dict:
+    """The JSON record of a kNN evaluation from hit counts (summed over workers when distributed)."""
+    scale = 100.0 / max(test_samples, 1)
+    return {"top1": top1_hits * scale, "top5": top5_hits * scale, "k": k, "temperature": temperature,
+            "train_samples": int(train_samples), "test_samples": int(test_samples)}

@@ -11,13 +11,15 @@ be absent (the encoder's embedding is what we evaluate).
 from __future__ import annotations
 
 import logging
+import re
 
 import fsspec
 import torch
+from torch import nn
 
 from cast.artifacts import latest_checkpoint, read_state
 from cast.models import CAST, create_model, load_original_checkpoint
-from cast.models.original_checkpoint import read_checkpoint
+from cast.models.original_checkpoint import read_checkpoint, split_layout
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +67,16 @@ def _load(checkpoint_url: str, model: CAST) -> tuple[list[str], list[str], str]:
 
 
 def load_model(model_name: str, checkpoint: str | None, *, device: str | torch.device = "cpu",
-               **model_options) -> CAST:
+               seed: int = 0, **model_options) -> CAST:
     """``model_name`` (a registered variant, with ``model_options`` such as ``img_size``) with the weights
-    of ``checkpoint``, or randomly initialised when it is None; in eval mode on ``device``.
+    of ``checkpoint``, or randomly initialised from ``seed`` when it is None (a reproducible baseline:
+    the same seed gives the same weights, whatever the caller's RNG state); in eval mode on ``device``.
 
     Raises ValueError naming the checkpoint when backbone weights are missing or do not fit.
     """
-    model = create_model(model_name, **{"num_classes": 0, **model_options})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model(model_name, **{"num_classes": 0, **model_options})
     if checkpoint is not None:
         missing, mismatched, description = _load(checkpoint, model)
         if missing or mismatched:
@@ -79,3 +84,58 @@ def load_model(model_name: str, checkpoint: str | None, *, device: str | torch.d
                              f"{description}")
         log.info("loaded %s into %s: %s", checkpoint, model_name, description)
     return model.eval().to(device)
+
+
+def checkpoint_location(location: str) -> str:
+    """The file or checkpoint folder ``location`` names (a run folder: its newest complete checkpoint);
+    FileNotFoundError naming it when there is nothing to load there."""
+    fs, path = fsspec.core.url_to_fs(location)
+    if fs.isdir(path):
+        return latest_checkpoint(location)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{location}: no such checkpoint file or folder")
+    return location
+
+
+def projector_state(checkpoint_url: str) -> dict[str, torch.Tensor]:
+    """The MoCo projector MLP of a checkpoint, in ``nn.Sequential`` indices (``0.weight``, ``1.running_mean``,
+    ...): ``base_encoder.head.*`` of our MoCo runs, ``module.base_encoder.head.*`` of a released one.
+    ValueError naming the checkpoint when it holds none (not a MoCo checkpoint)."""
+    fs, path = fsspec.core.url_to_fs(checkpoint_url)
+    checkpoint = read_state(latest_checkpoint(checkpoint_url)) if fs.isdir(path) else read_checkpoint(
+        checkpoint_url)
+    layout, _, extras = split_layout(checkpoint)
+    state = extras.get("projector", {})
+    if not state:
+        for container in ("model", "state_dict"):
+            nested = checkpoint.get(container)
+            if isinstance(nested, dict):
+                prefix = "base_encoder.head."
+                state = {k.removeprefix("module.")[len(prefix):]: v for k, v in nested.items()
+                         if k.removeprefix("module.").startswith(prefix)}
+                if state:
+                    break
+    if not any(re.match(r"\d+\.weight$", key) for key in state):
+        raise ValueError(f"{checkpoint_url}: holds no MoCo projector (base_encoder.head.N.*; layout "
+                         f"{layout}); use the fused tokens instead (--embedding fused)")
+    return state
+
+
+def build_projector(state: dict[str, torch.Tensor]) -> nn.Sequential:
+    """The MoCo-v3 projector a state dict describes, rebuilt from its shapes: a Linear for each 2-D
+    ``N.weight``, a BatchNorm1d for each ``N.running_mean`` (affine when it has ``N.weight``), a ReLU in
+    every gap of the numbering; loaded and in eval mode (running statistics, as the reference evaluates)."""
+    indices = sorted({int(key.split(".", 1)[0]) for key in state})
+    layers: list[nn.Module] = []
+    for index in range(indices[-1] + 1):
+        weight = state.get(f"{index}.weight")
+        if f"{index}.running_mean" in state:
+            width = state[f"{index}.running_mean"].numel()
+            layers.append(nn.BatchNorm1d(width, affine=weight is not None))
+        elif weight is not None and weight.dim() == 2:
+            layers.append(nn.Linear(weight.shape[1], weight.shape[0], bias=f"{index}.bias" in state))
+        else:
+            layers.append(nn.ReLU())
+    projector = nn.Sequential(*layers)
+    projector.load_state_dict(state, strict=True)
+    return projector.eval()

@@ -10,7 +10,10 @@
    painted onto its pixels; the result is scored by mIoU.
 
 Everything here takes plain tensors, so any model that gives per-unit (pixel or superpixel) embeddings
-and segment maps can be evaluated; ``cast_segmented_images`` gets them from a CAST model.
+and segment maps can be evaluated; ``cast_segmented_images`` gets them from a CAST model (the MoCo
+projector per superpixel token, as the reference, or the fused tokens), ``retrieval_view`` prepares
+the reference's input (longer side 512), and ``cast.eval.tasks.RetrievalTask`` runs the protocol over
+Ray workers with the bank in storage.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from cast.eval.features import batch_views
+from cast.eval.knn import nearest_neighbours
 from cast.eval.segmentation import IGNORE_INDEX, SegmentationMeter
 from cast.superpixels import SuperpixelProvider
 
 DEFAULT_TOP_K = 20
+EMBEDDINGS = ("projector", "fused", "tokens")
 
 
 @dataclass
@@ -94,9 +99,11 @@ class MemoryBank:
     images: int = 0
 
 
-def build_memory_bank(images: Iterable[SegmentedImage], ignore_index: int = IGNORE_INDEX) -> MemoryBank:
-    """Prototypes and majority labels of every segment of the (labelled) bank images."""
-    prototypes, labels, dropped, count = [], [], 0, 0
+def bank_prototypes(images: Iterable[SegmentedImage], ignore_index: int = IGNORE_INDEX
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[str], int]:
+    """(prototypes [M, D], majority labels [M], image key per prototype, segments dropped because their
+    majority is the ignore label) of every segment of the labelled ``images``, on CPU."""
+    prototypes, labels, keys, dropped = [], [], [], 0
     for image in images:
         if image.mask is None:
             raise ValueError(f"{image.key or 'image'}: memory-bank images need a ground-truth mask")
@@ -106,19 +113,28 @@ def build_memory_bank(images: Iterable[SegmentedImage], ignore_index: int = IGNO
         dropped += int((~keep).sum())
         prototypes.append(image_prototypes[keep].cpu())
         labels.append(image_labels[keep].cpu())
-        count += 1
-    if not prototypes or sum(len(p) for p in prototypes) == 0:
+        keys.extend([image.key] * int(keep.sum()))
+    if not prototypes:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), keys, dropped
+    return torch.cat(prototypes), torch.cat(labels), keys, dropped
+
+
+def build_memory_bank(images: Iterable[SegmentedImage], ignore_index: int = IGNORE_INDEX) -> MemoryBank:
+    """Prototypes and majority labels of every segment of the (labelled) bank images."""
+    prototypes, labels, keys, dropped = bank_prototypes(images, ignore_index)
+    if len(labels) == 0:
         raise ValueError("build_memory_bank: no labelled segment (empty data set, or every segment is "
                          f"mostly ignore label {ignore_index})")
-    return MemoryBank(torch.cat(prototypes), torch.cat(labels), dropped, count)
+    return MemoryBank(prototypes, labels, dropped, len(set(keys)))
 
 
 def retrieve_labels(prototypes: torch.Tensor, bank: MemoryBank, num_classes: int,
                     k: int = DEFAULT_TOP_K) -> torch.Tensor:
-    """Majority label of each prototype's ``k`` most cosine-similar bank prototypes (ties: lower label)."""
+    """Majority label of each prototype's ``k`` most cosine-similar bank prototypes (ties: lower label);
+    the bank is searched in blocks (``nearest_neighbours``), so it may be of any size."""
     k = min(k, bank.prototypes.shape[0])
     bank_prototypes = bank.prototypes.to(prototypes.device)
-    neighbours = (prototypes @ bank_prototypes.T).topk(k, dim=1).indices
+    neighbours = nearest_neighbours(bank_prototypes, prototypes.to(bank_prototypes.dtype), k)[1]
     votes = torch.zeros(prototypes.shape[0], num_classes, device=prototypes.device)
     neighbour_labels = bank.labels.to(prototypes.device)[neighbours]
     votes.scatter_add_(1, neighbour_labels, torch.ones_like(neighbours, dtype=votes.dtype))
@@ -158,15 +174,36 @@ def evaluate_retrieval(
     return result
 
 
+def unit_embeddings(output, embedding: str, projector: torch.nn.Module | None = None) -> torch.Tensor:
+    """Per-superpixel embeddings [B, N_1, D] of a CAST output: ``fused`` (BlockFusion tokens of the
+    dense/pretrain variants, C-d), ``projector`` (the fused tokens through the MoCo projector, one token
+    at a time: 256-d, what the reference retrieves with) or ``tokens`` (first-stage tokens, any variant)."""
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"embedding {embedding!r}: expected one of {EMBEDDINGS}")
+    if embedding == "tokens":
+        return output.tokens[0]
+    if output.dense_tokens is None:
+        raise ValueError(f"embedding {embedding!r} needs a dense or pretrain CAST variant (fused tokens); "
+                         "this model has none: use embedding 'tokens' or a cast_seg_* model")
+    if embedding == "fused":
+        return output.dense_tokens
+    if projector is None:
+        raise ValueError("embedding 'projector' needs the MoCo projector of the checkpoint")
+    batch, tokens, channels = output.dense_tokens.shape
+    return projector(output.dense_tokens.reshape(-1, channels).float()).view(batch, tokens, -1)
+
+
 @torch.no_grad()
 def cast_segmented_images(model, images: torch.Tensor, superpixels: torch.Tensor,
                           masks: torch.Tensor | None = None, level: int | None = None,
-                          keys: list[str] | None = None) -> list[SegmentedImage]:
+                          keys: list[str] | None = None, *, projector: torch.nn.Module | None = None,
+                          embedding: str | None = None) -> list[SegmentedImage]:
     """Run a CAST model on a batch and cut it into ``SegmentedImage``s (on CPU).
 
-    Segments: the hierarchy at ``level`` (1-based; default the top level). Unit embeddings: the fused
-    per-superpixel ``dense_tokens`` of dense/pretrain variants, else the first stage's superpixel tokens;
-    padded tokens (superpixels the token grid missed) are left out of the prototypes.
+    Segments: the hierarchy at ``level`` (1-based; default the top level, every level's assignment
+    chained). Unit embeddings: ``unit_embeddings`` of ``embedding`` (default: ``fused`` for
+    dense/pretrain variants, else ``tokens``); padded tokens (superpixels the token grid missed) are
+    left out of the prototypes.
     """
     from cast.models import hierarchy  # the metrics above never need the model package
 
@@ -175,7 +212,9 @@ def cast_segmented_images(model, images: torch.Tensor, superpixels: torch.Tensor
     level = levels.shape[1] if level is None else level
     if not 1 <= level <= levels.shape[1]:
         raise ValueError(f"cast_segmented_images: level {level} outside 1..{levels.shape[1]}")
-    embeddings = output.dense_tokens if output.dense_tokens is not None else output.tokens[0]
+    if embedding is None:
+        embedding = "fused" if output.dense_tokens is not None else "tokens"
+    embeddings = unit_embeddings(output, embedding, projector)
     padding = output.padding_masks[0]
     result = []
     for index in range(images.shape[0]):
@@ -188,6 +227,39 @@ def cast_segmented_images(model, images: torch.Tensor, superpixels: torch.Tensor
             key=keys[index] if keys else "",
         ))
     return result
+
+
+def view_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(h, w) with the longer side ``long_side`` and the shorter one scaled alike, both rounded to the
+    stem's stride of 8 (the original's stem pads odd sizes inside its convolutions; ours needs
+    multiples of 8, so the aspect ratio moves by at most 4 px)."""
+    scale = long_side / max(height, width)
+    return (max(8, round(height * scale / 8) * 8), max(8, round(width * scale / 8) * 8))
+
+
+def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest resize of an integer map [..., H, W] to ``size`` (as cv2.INTER_NEAREST / F.interpolate)."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    shape = labels.shape
+    flat = labels.reshape(-1, 1, *shape[-2:]).float()
+    return F.interpolate(flat, size=tuple(size), mode="nearest").long().reshape(*shape[:-2], *size)
+
+
+def retrieval_view(batch: dict, device: str | torch.device, long_side: int,
+                   provider: SuperpixelProvider | None = None) -> tuple[torch.Tensor, ...]:
+    """(images [B, 3, h, w], superpixels [B, h, w], masks [B, h, w]) of a loader batch, resized so the
+    longer side is ``long_side`` (0: kept, rounded to the stride): images bilinearly, superpixels and
+    masks by nearest neighbour, as SPML prepares its retrieval input (SEEDS on the image as stored,
+    the label maps resized). Batches of several images must share their size."""
+    images, superpixels = batch_views(batch, device, provider)
+    masks = batch["mask"].to(images.device).long()
+    height, width = images.shape[-2:]
+    size = view_size(height, width, long_side or max(height, width))
+    if size != (height, width):
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        superpixels, masks = resize_labels(superpixels, size), resize_labels(masks, size)
+    return images, superpixels, masks
 
 
 def iter_cast_segmented_images(model, batches: Iterable[dict], device: str | torch.device = "cpu",

@@ -112,6 +112,17 @@ class SegmentationMeter:
         if segments is not None:
             self.image_boundary_recall.append(boundary_recall(segments, target, tolerance, self.ignore_index))
 
+    @classmethod
+    def merged(cls, meters: list[SegmentationMeter]) -> SegmentationMeter:
+        """One meter holding the counts of all ``meters`` (one per worker), images in their order."""
+        total = cls(meters[0].num_classes, meters[0].ignore_index)
+        for meter in meters:
+            total.confusion += meter.confusion
+            total.image_miou += meter.image_miou
+            total.image_boundary_recall += meter.image_boundary_recall
+            total.empty_images += meter.empty_images
+        return total
+
     def result(self, class_names: list[str] | None = None) -> dict:
         iou = class_iou(self.confusion)
         names = class_names or [str(c) for c in range(self.num_classes)]
