@@ -13,7 +13,7 @@ import fsspec
 
 from cast.data.samples import is_image_file
 
-LAYOUTS = ("imagefolder", "flat", "voc", "ade20k")
+LAYOUTS = ("imagefolder", "flat", "voc", "ade20k", "partimagenet")
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ def scan(src: str, layout: str, split_list: str | None = None) -> tuple[list[Sou
         samples, classes = [SourceSample(_key(r), p, s) for r, (p, s) in rel.items() if is_image_file(r)], []
     elif layout == "voc":
         samples, classes = _voc(fs, root, rel, split_list)
+    elif layout == "partimagenet":
+        samples, classes = _partimagenet(fs, root, rel, split_list)
     else:
         samples, classes = _ade20k(rel)
     if not samples:
@@ -124,3 +126,74 @@ def _ade20k(rel: dict[str, tuple[str, int]]) -> tuple[list[SourceSample], list[s
             f"partner, e.g. {unmatched[0]!r}"
         )
     return [SourceSample(_key(i), v[0], v[1] + masks[i][1], mask=masks[i][0]) for i, v in images.items()], []
+
+
+def _partimagenet(fs, root: str, rel: dict[str, tuple[str, int]], split: str | None
+                  ) -> tuple[list[SourceSample], list[str]]:
+    """PartImageNet (COCO style): ``annotations/<split>.json`` and ``images/<split>/<file_name>``; the
+    split comes from ``--split-list`` (train, val, test) unless there is only one.
+
+    ``seg.png`` holds the part of every pixel (category order of the JSON, later annotations painted
+    over earlier ones as the reference's loader does; background = the last id), and the classes are
+    ``<super-category>/<part>`` plus ``background``, so the object of every part is in the manifest.
+    Masks are rasterised with pycocotools into a temporary folder (removed at exit), as shards copy mask
+    files; an annotation that does not decode is named in a warning and left out.
+    """
+    import atexit
+    import json
+    import logging
+    import shutil
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as coco_mask
+
+    splits = sorted(posixpath.splitext(r[len("annotations/"):])[0] for r in rel
+                    if r.startswith("annotations/") and r.endswith(".json") and r.count("/") == 1)
+    if split is None and len(splits) == 1:
+        split = splits[0]
+    if split not in splits:
+        raise FileNotFoundError(f"partimagenet layout: choose a split with --split-list, one of {splits} "
+                                f"(annotations/<split>.json), got {split!r}")
+    record = json.loads(fs.cat_file(posixpath.join(root, "annotations", f"{split}.json")))
+    categories = record.get("categories") or []
+    if not categories or any(not c.get("supercategory") for c in categories):
+        raise ValueError(f"annotations/{split}.json: needs 'categories' with a 'supercategory' each")
+    index = {c["id"]: i for i, c in enumerate(categories)}
+    classes = [f"{c['supercategory']}/{c['name']}" for c in categories] + ["background"]
+    by_image: dict[int, list[dict]] = {}
+    for annotation in record.get("annotations", []):
+        by_image.setdefault(annotation["image_id"], []).append(annotation)
+    prefix = f"images/{split}/"
+    by_name = {posixpath.basename(r): r for r in rel if r.startswith(prefix)}
+    folder = tempfile.mkdtemp(prefix="cast-partimagenet-masks-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    samples = []
+    for image in sorted(record.get("images", []), key=lambda item: item["id"]):
+        relative = prefix + image["file_name"]
+        relative = relative if relative in rel else by_name.get(posixpath.basename(image["file_name"]), "")
+        if relative not in rel:
+            raise FileNotFoundError(f"annotations/{split}.json: image {image['file_name']} is not under "
+                                    f"{prefix}")
+        height, width = image["height"], image["width"]
+        labels = np.full((height, width), len(categories), dtype=np.uint8)
+        for annotation in by_image.get(image["id"], []):
+            try:
+                segmentation = annotation["segmentation"]
+                if isinstance(segmentation, list):
+                    rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+                elif isinstance(segmentation.get("counts"), list):
+                    rle = coco_mask.frPyObjects(segmentation, height, width)
+                else:
+                    rle = segmentation
+                labels[coco_mask.decode(rle) > 0] = index[annotation["category_id"]]
+            except (KeyError, TypeError, ValueError, IndexError) as error:
+                logging.getLogger(__name__).warning("annotations/%s.json: annotation %s of %s left out (%s)",
+                                                    split, annotation.get("id"), image["file_name"], error)
+        key = _key(relative[len(prefix):])
+        mask = posixpath.join(folder, f"{key.replace('/', '_')}.png")
+        Image.fromarray(labels, mode="L").save(mask)
+        path, size = rel[relative]
+        samples.append(SourceSample(key, path, size, mask=mask, meta={"image_id": image["id"]}))
+    return samples, classes

@@ -72,11 +72,13 @@ def _read_image(url: str) -> NamedImage:
     return NamedImage(stem, np.asarray(decode_image(payload, url)))
 
 
-def centre_view(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to ``size`` (bicubic) and centre-crop ``size`` x ``size`` (uint8 HWC)."""
+def centre_view(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+    """Resize the shorter side to ``size`` (bicubic; ``nearest`` for label maps) and centre-crop ``size`` x
+    ``size`` (uint8 HWC, or HW for a label map)."""
     height, width = image.shape[:2]
     scale = size / min(height, width)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC))
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BICUBIC
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return np.ascontiguousarray(resized[top:top + size, left:left + size])
