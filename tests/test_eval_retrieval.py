@@ -107,3 +107,61 @@ def test_shape_errors_name_the_image():
                        torch.zeros(2, 3, dtype=torch.long), key="cat.jpg")
     with pytest.raises(ValueError, match="unit labels must index the 4 embeddings"):
         SegmentedImage(torch.zeros(4, 2), torch.full((2, 2), 4), torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_random_init_baseline_is_seeded():
+    from cast.eval.model_loading import load_model
+
+    torch.manual_seed(123)
+    first = load_model("cast_tiny", None, seed=1).state_dict()
+    torch.manual_seed(456)  # the caller's RNG state does not matter
+    again = load_model("cast_tiny", None, seed=1).state_dict()
+    other = load_model("cast_tiny", None, seed=2).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["blocks.0.attn.qkv.weight"], other["blocks.0.attn.qkv.weight"])
+
+
+def test_moco_projector_per_token_from_ours_and_released(tmp_path):
+    """The projector of our MoCo run and of a released ``.pth.tar`` is rebuilt and applied per token."""
+    import timm
+
+    from cast.eval.model_loading import build_projector, projector_state
+    from cast.eval.retrieval import unit_embeddings
+    from cast.models import CASTOutput
+    from cast.train.config import MocoConfig
+    from cast.train.objectives import MoCo
+    from tests.test_models_checkpoint import moco_checkpoint
+
+    moco = MoCo(timm.create_model("cast_seg_tiny_pretrain", num_classes=0), MocoConfig(dim=16, mlp_dim=32))
+    moco.eval()
+    run = tmp_path / "ours.pth"
+    torch.save({"model": moco.state_dict()}, run)
+    projector = build_projector(projector_state(str(run)))
+    tokens = torch.randn(2, 5, moco.base_encoder.embed_dim)
+    output = CASTOutput(tokens.mean(1), tokens.mean(1), [tokens], [], [], [], dense_tokens=tokens)
+    embedded = unit_embeddings(output, "projector", projector)
+    assert embedded.shape == (2, 5, 16)
+    torch.testing.assert_close(embedded[1, 3], moco.base_encoder.head(tokens[1, 3:4])[0])
+    released = tmp_path / "checkpoint_0149.pth.tar"
+    torch.save(moco_checkpoint(moco.base_encoder), released)
+    assert projector_state(str(released)).keys() == {"0.weight", "1.weight", "1.bias", "1.running_mean",
+                                                     "1.running_var", "1.num_batches_tracked", "6.weight"}
+    assert unit_embeddings(output, "fused").shape == (2, 5, moco.base_encoder.embed_dim)
+    plain = tmp_path / "plain.pth"
+    torch.save(timm.create_model("cast_seg_tiny_pretrain", num_classes=3).state_dict(), plain)
+    with pytest.raises(ValueError, match="no MoCo projector"):
+        projector_state(str(plain))
+
+
+def test_retrieval_view_resizes_to_the_long_side_and_back():
+    from cast.eval.retrieval import resize_labels, retrieval_view, view_size
+
+    assert view_size(375, 500, 512) == (384, 512) and view_size(333, 500, 512) == (344, 512)
+    labels = torch.arange(12).view(3, 4).repeat_interleave(10, 0).repeat_interleave(10, 1)  # [30, 40]
+    batch = {"images": torch.randn(1, 1, 3, 30, 40), "superpixels": labels[None, None],
+             "mask": (labels % 3)[None]}
+    images, superpixels, masks = retrieval_view(batch, "cpu", 80)
+    assert images.shape == (1, 3, 64, 80) and superpixels.shape == masks.shape == (1, 64, 80)
+    assert set(superpixels.unique().tolist()) == set(range(12))  # nearest keeps the labels
+    back = resize_labels(masks[0], (30, 40))
+    assert back.shape == (30, 40) and (back == labels % 3).float().mean() > 0.9

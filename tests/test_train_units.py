@@ -126,8 +126,26 @@ def test_linear_probe_freezes_backbone_and_inits_head():
     assert probe.head.weight.std().item() == pytest.approx(0.01, rel=0.3) and probe.head.bias.abs().sum() == 0
     key = next(k for k in moco.base_encoder.state_dict() if not k.startswith("head."))
     assert torch.equal(probe.state_dict()[key], moco.base_encoder.state_dict()[key])
-    with pytest.raises(ValueError, match="base_encoder"):
-        prepare_linear_probe(probe, {"x": torch.zeros(1)})
+    with pytest.raises(ValueError, match="linear.pretrained: .*unrecognised checkpoint layout"):
+        prepare_linear_probe(probe, {"x": 1})
+
+
+def test_linear_probe_from_a_released_moco_checkpoint(tmp_path):
+    """A ``checkpoint_0099.pth.tar`` in the original MoCo layout (``module.base_encoder.*`` with the
+    projector, momentum encoder, predictor) starts a probe: every backbone weight loads, a fresh head."""
+    from tests.test_models_checkpoint import moco_checkpoint, randomise
+
+    source = randomise(timm.create_model("cast_tiny", num_classes=0, img_size=32), seed=4)
+    path = tmp_path / "checkpoint_0099.pth.tar"
+    torch.save(moco_checkpoint(source), path)
+    probe = prepare_linear_probe(timm.create_model("cast_tiny", num_classes=5, img_size=32), str(path))
+    ours = probe.state_dict()
+    for key, value in source.state_dict().items():
+        assert torch.equal(ours[key], value), key
+    assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+    with pytest.raises(ValueError, match="does not fit"):  # a backbone of another width
+        wider = timm.create_model("cast_tiny", num_classes=5, embed_dim=96, img_size=32)
+        prepare_linear_probe(wider, str(path))
 
 
 @pytest.mark.parametrize("name", ["linear_cast_tiny.yaml", "linear_cast_small_in1k.yaml"])

@@ -28,6 +28,12 @@ def _is_head(key: str) -> bool:
     return key.startswith("head.")
 
 
+def _read(location: str) -> dict:
+    """The saved dict of a checkpoint: ``state.pt`` of our checkpoint or run folder, else the file."""
+    fs, path = fsspec.core.url_to_fs(location)
+    return read_state(latest_checkpoint(location)) if fs.isdir(path) else read_checkpoint(location)
+
+
 def own_state_dict(checkpoint: dict, model: CAST) -> dict[str, torch.Tensor] | None:
     """The state dict inside ``checkpoint`` if it uses our key names (most of the model's keys appear
     verbatim after dropping ``module.``), else None (an original layout)."""
@@ -44,13 +50,9 @@ def own_state_dict(checkpoint: dict, model: CAST) -> dict[str, torch.Tensor] | N
     return state if sum(k in state for k in ours) >= 0.9 * len(ours) else None
 
 
-def _load(checkpoint_url: str, model: CAST) -> tuple[list[str], list[str], str]:
+def _load(source: str | dict, model: CAST) -> tuple[list[str], list[str], str]:
     """Load weights; returns (missing backbone keys, mismatched keys, description)."""
-    fs, path = fsspec.core.url_to_fs(checkpoint_url)
-    if fs.isdir(path):
-        checkpoint = read_state(latest_checkpoint(checkpoint_url))
-    else:
-        checkpoint = read_checkpoint(checkpoint_url)
+    checkpoint = source if isinstance(source, dict) else _read(source)
     state = own_state_dict(checkpoint, model)
     if state is None:
         report = load_original_checkpoint(checkpoint, model)
@@ -78,12 +80,21 @@ def load_model(model_name: str, checkpoint: str | None, *, device: str | torch.d
         torch.manual_seed(seed)
         model = create_model(model_name, **{"num_classes": 0, **model_options})
     if checkpoint is not None:
-        missing, mismatched, description = _load(checkpoint, model)
-        if missing or mismatched:
-            raise ValueError(f"{checkpoint}: does not fit {model_name} (pass the --model it was trained as)\n"
-                             f"{description}")
+        description = load_backbone(checkpoint, model)
         log.info("loaded %s into %s: %s", checkpoint, model_name, description)
     return model.eval().to(device)
+
+
+def load_backbone(checkpoint: str | dict, model: CAST) -> str:
+    """Load every backbone weight of ``checkpoint`` (a location, or a checkpoint dict already read) into
+    ``model``, any layout of the module doc; returns what was loaded. Heads may be absent; ValueError
+    naming the checkpoint when a backbone weight is missing or does not fit."""
+    missing, mismatched, description = _load(checkpoint, model)
+    if missing or mismatched:
+        name = checkpoint if isinstance(checkpoint, str) else "checkpoint"
+        raise ValueError(f"{name}: does not fit {model.pretrained_cfg.get('architecture', 'the model')} "
+                         f"(pass the model it was trained as)\n{description}")
+    return description
 
 
 def checkpoint_location(location: str) -> str:
@@ -101,9 +112,7 @@ def projector_state(checkpoint_url: str) -> dict[str, torch.Tensor]:
     """The MoCo projector MLP of a checkpoint, in ``nn.Sequential`` indices (``0.weight``, ``1.running_mean``,
     ...): ``base_encoder.head.*`` of our MoCo runs, ``module.base_encoder.head.*`` of a released one.
     ValueError naming the checkpoint when it holds none (not a MoCo checkpoint)."""
-    fs, path = fsspec.core.url_to_fs(checkpoint_url)
-    checkpoint = read_state(latest_checkpoint(checkpoint_url)) if fs.isdir(path) else read_checkpoint(
-        checkpoint_url)
+    checkpoint = _read(checkpoint_url)
     layout, _, extras = split_layout(checkpoint)
     state = extras.get("projector", {})
     if not state:

@@ -13,6 +13,7 @@ from ray.train import UserCallback
 
 from cast.artifacts import CONFIG_FILE, latest_checkpoint
 from cast.config import ConfigError, dump_config
+from cast.eval.model_loading import checkpoint_location
 from cast.storage import join, write_text
 from cast.train.config import TrainConfig
 
@@ -26,13 +27,14 @@ def default_run_name(cfg: TrainConfig) -> str:
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Validate (incl. that named checkpoints exist) and fix the run name, before any worker starts."""
     cfg.validate()
-    for key, location in (
-        ("linear.pretrained", cfg.linear.pretrained if cfg.objective == "linear" else ""),
-        ("checkpoint.resume_from", cfg.checkpoint.resume_from),
+    probe = cfg.linear.pretrained if cfg.objective == "linear" else ""
+    for key, location, find in (
+        ("linear.pretrained", probe, checkpoint_location),  # a released .pth.tar file too
+        ("checkpoint.resume_from", cfg.checkpoint.resume_from, latest_checkpoint),
     ):
         if location:
             try:
-                latest_checkpoint(location)
+                find(location)
             except (FileNotFoundError, OSError) as e:
                 raise ConfigError(f"{key}: {e}") from e
     if not cfg.ray.name:

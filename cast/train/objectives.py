@@ -23,7 +23,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import cast.models  # noqa: F401  (registers cast_* with timm)
-from cast.artifacts import latest_checkpoint, read_state
+from cast.eval.model_loading import checkpoint_location, load_backbone
 from cast.train.config import MocoConfig, SupervisedConfig, TrainConfig
 from cast.train.distributed import all_gather, rank
 
@@ -123,24 +123,17 @@ class DeiTLoss:
         return self.criterion(logits.float(), targets), logits
 
 
-def prepare_linear_probe(model: nn.Module, backbone_state: dict[str, torch.Tensor]) -> nn.Module:
-    """Load a MoCo base encoder (minus its projector) into ``model``, freeze all but a fresh head."""
-    prefix = "base_encoder."
-    weights = {
-        k[len(prefix) :]: v
-        for k, v in backbone_state.items()
-        if k.startswith(prefix) and not k.startswith(prefix + "head.")
-    }
-    if not weights:
-        raise ValueError(
-            "linear.pretrained: the checkpoint holds no 'base_encoder.*' weights (not a MoCo run?)"
-        )
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if set(missing) != {"head.weight", "head.bias"} or unexpected:
-        raise ValueError(
-            f"linear.pretrained: backbone does not match the model: missing {missing}, "
-            f"unexpected {unexpected}"
-        )
+def prepare_linear_probe(model: nn.Module, pretrained: str | dict) -> nn.Module:
+    """Load the backbone of ``pretrained`` into ``model`` and freeze all but a fresh head (MoCo-v3 lincls).
+
+    ``pretrained``: any checkpoint ``cast.eval.model_loading`` reads (a location or a dict already read):
+    our MoCo runs (the base encoder), DeiT or dense runs, and the released originals (MoCo ``.pth.tar``,
+    DeiT ``.pth``, a linear probe) through ``load_original_checkpoint``. Every backbone weight must load.
+    """
+    try:
+        load_backbone(pretrained, model)
+    except ValueError as error:
+        raise ValueError(f"linear.pretrained: {error}") from error
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith("head."))
     nn.init.normal_(model.head.weight, std=0.01)
@@ -235,12 +228,12 @@ class LinearProbeObjective(Objective):
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
-        self.pretrained = latest_checkpoint(cfg.linear.pretrained)
+        self.pretrained = checkpoint_location(cfg.linear.pretrained)
 
     def build(self) -> nn.Module:
         model = timm.create_model(self.cfg.model.name, num_classes=self.cfg.linear.num_classes,
                                   **self.cfg.model.kwargs)
-        return prepare_linear_probe(model, read_state(self.pretrained)["model"])
+        return prepare_linear_probe(model, self.pretrained)
 
     def train_mode(self, model):
         model.eval()
