@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -224,22 +225,17 @@ def knn(
 ) -> dict:
     """Weighted kNN top-1/top-5 of the encoder at ``checkpoint`` (None: random init drawn with ``seed``,
     the draw the runs start from) with superpixels from ``provider``."""
-    from cast.eval import EvaluationConfig, evaluate, load_model
-    from cast.eval.shard_source import ShardBatches
-    from cast.superpixels import get_provider
+    from cast.eval import KnnTask, LoaderSpec, ModelSpec, RunSettings, run_tasks
 
-    torch.manual_seed(seed)
-    model = load_model(MODEL, checkpoint, img_size=args.size)
-    source = ShardBatches(
-        args.size,
-        64,
-        args.eval_workers,
-        get_provider(provider, **provider_params(provider, args.num_superpixels)),
-    )
-    config = EvaluationConfig(
-        model=MODEL, checkpoint=checkpoint, train_shards=bank, val_shards=val, knn_k=args.knn_k
-    )
-    return evaluate(model, config, source.batches, source.class_names, progress=False)["knn"]
+    data = LoaderSpec("eval", args.size, 64, args.eval_workers, provider,
+                      provider_params(provider, args.num_superpixels))
+    model = ModelSpec(MODEL, checkpoint, seed, {"img_size": args.size})
+    features = tempfile.mkdtemp(prefix="knn-features-")
+    try:
+        task = KnnTask(model, data, bank, val, features=features, k=args.knn_k)
+        return run_tasks([task], RunSettings(num_workers=0))[0]
+    finally:
+        shutil.rmtree(features, ignore_errors=True)
 
 
 def start_ray(num_cpus: int):

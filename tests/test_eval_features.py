@@ -7,7 +7,7 @@ import torch
 from cast.data.transforms import denormalize, views_to_input
 from cast.eval.features import batch_views, extract_features
 from cast.eval.knn import knn_accuracy
-from cast.eval.retrieval import evaluate_retrieval, iter_cast_segmented_images
+from cast.eval.retrieval import cast_segmented_images, evaluate_retrieval
 from cast.models import cast_config, create_model
 from cast.superpixels import get_provider
 from tests.fixtures.mosaics import CLASS_NAMES, dominant_class, make_mosaics, mosaic_batches
@@ -59,12 +59,18 @@ def test_on_device_provider_fills_missing_superpixels(model):
     assert features.embeddings.shape == (2, model.embed_dim)
 
 
+def _segmented(model, batches, level):
+    for batch in batches:
+        images, superpixels = batch_views(batch, "cpu")
+        yield from cast_segmented_images(model, images, superpixels, batch["mask"], level, batch["key"])
+
+
 def test_cast_retrieval_runs_end_to_end(model):
-    bank = list(iter_cast_segmented_images(model, _batches(make_mosaics(4, size=SIZE, seed=7)), level=2))
+    bank = list(_segmented(model, _batches(make_mosaics(4, size=SIZE, seed=7)), level=2))
     clusters = cast_config("cast_tiny").num_clusters
     assert all(len(image.segments.unique()) == clusters[1] for image in bank)
     assert all(image.embeddings.shape[1] == model.embed_dim for image in bank)
-    test = iter_cast_segmented_images(model, _batches(make_mosaics(2, size=SIZE, seed=8)), level=2)
+    test = _segmented(model, _batches(make_mosaics(2, size=SIZE, seed=8)), level=2)
     result = evaluate_retrieval(bank, test, num_classes=len(CLASS_NAMES), class_names=CLASS_NAMES)
     assert 0.0 <= result["miou"] <= 1.0 and result["images"] == 2
     assert result["bank_prototypes"] == 4 * clusters[1] - result["bank_dropped_ignore"]

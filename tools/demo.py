@@ -293,7 +293,7 @@ class Demo:
 
     def knn(self, which: str) -> None:
         o, run = self.options, self.summary["run"]
-        result = self.out / "eval" / f"{which}.json"
+        result = self.out / "eval" / which
         weights = ["--random-init"] if which == "random_init" else ["--checkpoint", run["checkpoint"]]
         run_command(
             [
@@ -323,7 +323,7 @@ class Demo:
             self.logs / f"knn_{which}.log",
             env=_python_env(),
         )
-        knn = json.loads(result.read_text())["knn"]
+        knn = json.loads(result.with_name(f"{which}.knn.json").read_text())
         self.summary.setdefault("knn", {})[which] = {
             "top1": knn["top1"],
             "k": knn["k"],

@@ -18,7 +18,7 @@ Ray workers with the bank in storage.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -261,15 +261,3 @@ def retrieval_view(batch: dict, device: str | torch.device, long_side: int,
         superpixels, masks = resize_labels(superpixels, size), resize_labels(masks, size)
     return images, superpixels, masks
 
-
-def iter_cast_segmented_images(model, batches: Iterable[dict], device: str | torch.device = "cpu",
-                               level: int | None = None,
-                               provider: SuperpixelProvider | None = None) -> Iterator[SegmentedImage]:
-    """``cast_segmented_images`` over loader batches (first view; ``mask`` and ``key`` carried along),
-    model in eval mode on ``device``."""
-    model.eval().to(device)
-    for batch in batches:
-        if "mask" not in batch:
-            raise ValueError("segment retrieval needs batches with a 'mask' (shards with seg.png)")
-        images, superpixels = batch_views(batch, device, provider)
-        yield from cast_segmented_images(model, images, superpixels, batch["mask"], level, batch.get("key"))

@@ -44,6 +44,7 @@ from cast.storage import exists, join
 from cast.superpixels import get_provider
 
 log = logging.getLogger(__name__)
+MASKLESS_LAYOUTS = ("imagefolder", "flat")  # data_tools layouts whose samples carry no seg.png
 
 
 @dataclass
@@ -223,6 +224,10 @@ class RetrievalTask:
         names = []
         for key, url in (("--seg-bank-shards", self.bank_shards), ("--seg-shards", self.test_shards)):
             manifest = self.data.check_shards(url, key, self.name, world_size)
+            if manifest.layout in MASKLESS_LAYOUTS:
+                raise ShardSetError(f"retrieval: {key} {manifest.url} was built with --layout "
+                                    f"{manifest.layout}, which has no masks (seg.png); build image+mask "
+                                    "shards (--layout voc)")
             if not manifest.classes:
                 raise ShardSetError(f"retrieval: {key} {manifest.url} has no 'classes' in its manifest; "
                                     "segment retrieval needs the class names of its masks (a voc layout)")
@@ -264,6 +269,9 @@ class RetrievalTask:
             write_features(part_features, target)
         dim = int(part_features.embeddings.shape[1]) if len(part_features) else 0
         parts = context.gather(FeaturePart(target, len(part_features), dim))
+        if not sum(part.rows for part in parts):
+            raise ValueError(f"retrieval: no labelled segment in {self.bank_shards} (no sample with a mask, "
+                             "or every segment mostly the ignore label); see the skip counts in the log")
         bank = FeatureBank.load(parts, context.device)
         memory = MemoryBank(bank.embeddings, bank.labels)
         if int(bank.labels.max()) >= len(classes):
