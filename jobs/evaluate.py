@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--batch-size", type=int, default=64, help="kNN batch per worker")
     run.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per worker")
     run.add_argument("--max-batches", type=int, help="stop each pass after this many batches (smoke runs)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", help="result prefix: <out>.<task>.json (default: the checkpoint)")
     parser.add_argument("--linear-probe", help="linear-probe result JSON to show (default "
                                                 "<checkpoint>.linear_probe.json)")
@@ -115,7 +116,8 @@ def build_tasks(args: argparse.Namespace) -> list:
     model = ModelSpec(args.model, weights, args.seed, args.model_options)
     size = args.size or args.model_options.get("img_size") or _default_size(args.model)
     common = {"superpixels": args.superpixels, "superpixel_params": args.superpixel_params,
-              "workers": args.loader_workers, "max_batches": args.max_batches}
+              "workers": args.loader_workers, "max_batches": args.max_batches,
+              "progress": not args.no_progress}
     tasks = []
     if "knn" in chosen:
         tasks.append(KnnTask(model, LoaderSpec("eval", size, args.batch_size, **common), args.train_shards,
@@ -132,7 +134,8 @@ def build_tasks(args: argparse.Namespace) -> list:
         if not args.clip_weights and not args.clip_random:
             raise ValueError("partimagenet: --clip-weights (a local file or URL of the OpenAI ViT-B/16 "
                              "weights) is needed; --clip-random runs random CLIP weights (smoke runs only)")
-        loader = LoaderSpec("segmentation_eval", size, 1, "", {}, args.loader_workers, args.max_batches)
+        loader = LoaderSpec("segmentation_eval", size, 1, "", {}, args.loader_workers, args.max_batches,
+                            not args.no_progress)
         params = args.superpixel_params if args.superpixel_param else {"preset": "moco"}
         tasks.append(PartWholeTask(model, loader, args.part_shards, args.clip_model, args.clip_weights,
                                    size, args.coarse_level, args.fine_level, args.superpixels, params,

@@ -75,6 +75,7 @@ class LoaderSpec:
     superpixels: str = "seeds"
     superpixel_params: dict = field(default_factory=dict)
     max_batches: int | None = None  # smoke runs: stop each pass after this many batches
+    progress: bool = True  # progress bars on rank 0
 
     def provider(self):
         return get_provider(self.superpixels, **self.superpixel_params) if self.superpixels else None
@@ -163,7 +164,8 @@ class KnnTask:
                                       else provider)
             features = extract_features(model, _limit(loader, self.data.max_batches), device=context.device,
                                         provider=provider if provider is not None and provider.on_device
-                                        else None, progress=context.rank == 0, desc=f"{split} features")
+                                        else None, progress=self.data.progress and context.rank == 0,
+                                        desc=f"{split} features")
             skipped = _skip_counts(loader)
             write_features(features, target)
         return FeaturePart(target, len(features), int(features.embeddings.shape[1])), features, skipped
