@@ -134,8 +134,8 @@ def build_tasks(args: argparse.Namespace) -> list:
         if not args.clip_weights and not args.clip_random:
             raise ValueError("partimagenet: --clip-weights (a local file or URL of the OpenAI ViT-B/16 "
                              "weights) is needed; --clip-random runs random CLIP weights (smoke runs only)")
-        loader = LoaderSpec("segmentation_eval", size, 1, "", {}, args.loader_workers, args.max_batches,
-                            not args.no_progress)
+        loader = LoaderSpec("segmentation_eval", size, 1, **{**common, "superpixels": "",
+                                                             "superpixel_params": {}})
         params = args.superpixel_params if args.superpixel_param else {"preset": "moco"}
         tasks.append(PartWholeTask(model, loader, args.part_shards, args.clip_model, args.clip_weights,
                                    size, args.coarse_level, args.fine_level, args.superpixels, params,

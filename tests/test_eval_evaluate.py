@@ -70,3 +70,24 @@ def test_superpixel_and_model_arguments(capsys):
     assert args.model_options == {"img_size": 512, "num_clusters": [320, 160, 80, 40]}
     with pytest.raises(SystemExit):
         job.parse_args(["--random-init", "--out", "x", "--model-arg", "img_size"])
+
+
+def test_partimagenet_job_on_real_shards(tmp_path, capsys):
+    """The whole PartImageNet path a user runs: COCO-style folder -> shards -> jobs.evaluate (random CLIP,
+    since no weights can be downloaded), every image scored once, the oracle beside CAST, nothing failed."""
+    from tests.fixtures.partimagenet import make_partimagenet
+
+    make_partimagenet(tmp_path / "src", count=2)
+    build_shards(str(tmp_path / "src"), str(tmp_path / "parts"), "partimagenet", name="val", max_count=1,
+                 workers=1, progress=False, split_list="val")
+    argv = ["--random-init", "--out", str(tmp_path / "r"), "--model", "cast_tiny", "--task", "partimagenet",
+            "--part-shards", str(tmp_path / "parts"), "--clip-random", "--size", "48", "--loader-workers",
+            "0", "--device", "cpu", "--no-progress"]
+    assert job.main(argv) == 0
+    report = json.loads((tmp_path / "r.partimagenet.json").read_text())
+    assert report["images"] == 2 and report["failed"] == 0 and report["failed_images"] == []
+    for title in ("cast", "oracle"):
+        assert all(0.0 <= report[title][name] <= 100.0 for name in ("object_miou", "part_miou"))
+    assert (report["objects"], report["parts"]) == (2, 4)
+    assert "partimagenet.cast" in capsys.readouterr().out
+    assert job.main([*argv, "--coarse-level", "9"]) == 2 and "--coarse-level 9" in capsys.readouterr().err

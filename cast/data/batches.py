@@ -14,20 +14,24 @@ from cast.data.transforms import denormalize
 from cast.superpixels import SuperpixelProvider
 
 
-def to_device(batch: dict, device: str | torch.device, provider: SuperpixelProvider | None = None) -> dict:
-    """``images``, ``superpixels`` (int64), ``label`` and ``mask`` (when present) on ``device``."""
+def to_device(batch: dict, device: str | torch.device, provider: SuperpixelProvider | None = None,
+              with_superpixels: bool = True) -> dict:
+    """``images``, ``superpixels`` (int64), ``label`` and ``mask`` (when present) on ``device``;
+    ``with_superpixels=False`` for consumers that segment the images themselves (PartImageNet)."""
     images = batch["images"]
     if images.dim() != 5:
         raise ValueError(f"batch 'images' must be [B, V, 3, H, W], got {tuple(images.shape)}")
     images = images.to(device, non_blocking=True)
-    if "superpixels" in batch:
-        superpixels = batch["superpixels"].to(device, non_blocking=True)
-    elif provider is not None:
-        b, v, c, h, w = images.shape
-        superpixels = provider.batch(denormalize(images.reshape(b * v, c, h, w))).reshape(b, v, h, w)
-    else:
-        raise ValueError("batch has no 'superpixels' and no provider was given to compute them")
-    out = {"images": images, "superpixels": superpixels.long()}
+    out = {"images": images}
+    if with_superpixels:
+        if "superpixels" in batch:
+            superpixels = batch["superpixels"].to(device, non_blocking=True)
+        elif provider is not None:
+            b, v, c, h, w = images.shape
+            superpixels = provider.batch(denormalize(images.reshape(b * v, c, h, w))).reshape(b, v, h, w)
+        else:
+            raise ValueError("batch has no 'superpixels' and no provider was given to compute them")
+        out["superpixels"] = superpixels.long()
     for name in ("label", "mask"):
         if name in batch:
             out[name] = batch[name].to(device, non_blocking=True)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-RECIPES = ("moco", "supervised", "eval", "linear", "linear_eval", "segmentation")
-
 
 @dataclass
 class DataConfig:
@@ -31,6 +29,8 @@ class DataConfig:
         """Fail early, naming the field, before any worker or cluster resource starts."""
         if not self.shards:
             raise ValueError("data.shards: empty; give a shard folder/URL with _info.json or a brace pattern")
+        from cast.data.transforms import RECIPES  # the recipes themselves name the valid choices
+
         if self.recipe not in RECIPES:
             raise ValueError(f"data.recipe: {self.recipe!r}, expected one of {', '.join(RECIPES)}")
         for name in ("image_size", "batch_size"):

@@ -206,9 +206,9 @@ class ShardStream(IterableDataset):
         missing = []
         if image_key(sample) is None:
             missing.append("image")
-        if self.labelled and self.cfg.recipe != "segmentation" and LABEL_KEY not in sample:
+        if self.labelled and not self.recipe.needs_mask and LABEL_KEY not in sample:
             missing.append(LABEL_KEY)
-        if self.cfg.recipe == "segmentation" and MASK_KEY not in sample:
+        if self.recipe.needs_mask and MASK_KEY not in sample:
             missing.append(MASK_KEY)
         if missing:
             message = f"{sample['__url__']}: sample {sample['__key__']} lacks {', '.join(missing)}; skipped"
@@ -221,7 +221,7 @@ class ShardStream(IterableDataset):
             key, ext = sample["__key__"], image_key(sample)
             image = decode_image(sample[ext], f"{key}.{ext}")
             mask = None
-            if self.cfg.recipe == "segmentation":
+            if self.recipe.needs_mask:
                 mask = decode_mask(sample[MASK_KEY], f"{key}.{MASK_KEY}")
             label = decode_label(sample)
         except Exception as error:  # noqa: BLE001 - any undecodable sample is skipped and counted

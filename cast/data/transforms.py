@@ -78,6 +78,7 @@ class Recipe:
     """``augment(image, mask) -> (views_uint8, mask)`` then ``finish(view_uint8) -> float tensor``."""
 
     num_views = 1
+    needs_mask = False  # segmentation recipes read seg.png with the image and need no cls label
 
     def __init__(self, size: int):
         self.size = size
@@ -170,6 +171,8 @@ class SegmentationRecipe(Recipe):
     """Image and mask jointly (torchvision v2, mask as ``tv_tensors.Mask``): random rescale 0.5-2 of
     the crop size, random crop padded with the ignore index, horizontal flip (mmseg-style, §5.4)."""
 
+    needs_mask = True
+
     def __init__(self, size: int, train: bool = True):
         super().__init__(size)
         if train:
@@ -194,15 +197,30 @@ class SegmentationRecipe(Recipe):
         return [image_t.permute(1, 2, 0).contiguous().numpy()], mask_t.as_subclass(torch.Tensor).long()
 
 
+class StoredRecipe(Recipe):
+    """Image and mask as stored, unaugmented: evaluation protocols resize or window them themselves
+    (segment retrieval to a long side, PartImageNet to a centre view), so ``size`` is not used."""
+
+    needs_mask = True
+
+    def augment(self, image, mask=None):
+        if mask is None:
+            raise ValueError("segmentation_eval recipe needs a mask (seg.png) per sample")
+        return [_to_uint8(image)], torch.from_numpy(np.asarray(mask, dtype=np.int64))
+
+
+RECIPES: dict[str, Callable[[int], Recipe]] = {
+    "moco": MocoRecipe,
+    "supervised": SupervisedRecipe,
+    "eval": EvalRecipe,
+    "linear": LinearRecipe,
+    "linear_eval": lambda size: EvalRecipe(size, T.InterpolationMode.BILINEAR),
+    "segmentation": SegmentationRecipe,
+    "segmentation_eval": StoredRecipe,
+}
+
+
 def build_recipe(name: str, size: int) -> Recipe:
-    factories: dict[str, Callable[[int], Recipe]] = {
-        "moco": MocoRecipe,
-        "supervised": SupervisedRecipe,
-        "eval": EvalRecipe,
-        "linear": LinearRecipe,
-        "linear_eval": lambda size: EvalRecipe(size, T.InterpolationMode.BILINEAR),
-        "segmentation": SegmentationRecipe,
-    }
-    if name not in factories:
-        raise ValueError(f"recipe {name!r}: expected one of {', '.join(factories)}")
-    return factories[name](size)
+    if name not in RECIPES:
+        raise ValueError(f"recipe {name!r}: expected one of {', '.join(RECIPES)}")
+    return RECIPES[name](size)

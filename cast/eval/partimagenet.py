@@ -229,9 +229,12 @@ class PartWholeTask:
     def validate(self, world_size: int = 1) -> None:
         manifest = self.data.check_shards(self.shards, "--part-shards", self.name, world_size)
         PartVocabulary.from_classes(manifest.classes, manifest.url)
-        if min(self.coarse_level, self.fine_level) < 1:
-            raise ValueError(f"partimagenet: levels are 1-based, got coarse {self.coarse_level}, fine "
-                             f"{self.fine_level}")
+        from cast.models import cast_config
+
+        levels = len(self.model.options.get("num_clusters") or cast_config(self.model.name).num_clusters)
+        if not all(1 <= level <= levels for level in (self.coarse_level, self.fine_level)):
+            raise ValueError(f"partimagenet: --coarse-level {self.coarse_level} / --fine-level "
+                             f"{self.fine_level} outside 1..{levels}, the levels of {self.model.name}")
 
     def _image(self, model, labeller: ClipLabeller, provider, image: torch.Tensor, mask: torch.Tensor,
                device: torch.device) -> tuple[dict, dict | None]:
@@ -258,10 +261,6 @@ class PartWholeTask:
         started = time.perf_counter()
         vocabulary = PartVocabulary.from_classes(read_manifest(self.shards).classes, self.shards)
         model = self.model.build(context.device)
-        levels = len(model.config.num_clusters)
-        if max(self.coarse_level, self.fine_level) > levels:
-            raise ValueError(f"partimagenet: levels {self.coarse_level}/{self.fine_level} outside "
-                             f"1..{levels} of {self.model.name}")
         clip, tokenizer = load_clip(self.clip_model, self.clip_weights, context.device)
         labeller = ClipLabeller(clip, tokenizer, vocabulary, context.device, self.clip_batch)
         provider = get_provider(self.superpixels, **self.superpixel_params)
