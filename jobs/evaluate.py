@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--workers", type=int, default=0, help="Ray workers (0: this process, no Ray)")
     run.add_argument("--gpu", action="store_true", help="one GPU per Ray worker")
     run.add_argument("--storage-path", default="outputs/eval-runs", help="Ray Train run folder (s3://...)")
+    run.add_argument("--max-failures", type=int, default=2,
+                     help="worker-group restarts (a preempted node); finished feature parts are reused")
     run.add_argument("--device", default="", help="device of an in-process run (default: cuda if present)")
     run.add_argument("--batch-size", type=int, default=64, help="kNN batch per worker")
     run.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per worker")
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = RunSettings(num_workers=args.workers, use_gpu=args.gpu, storage_path=args.storage_path,
+                           max_failures=args.max_failures,
                            device=args.device)
     try:
         tasks = build_tasks(args)

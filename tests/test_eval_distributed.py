@@ -93,3 +93,56 @@ def test_feature_bank_is_filled_part_by_part_and_normalised(tmp_path):
     bad = FeaturePart(parts[0].url, 4, 4)
     with pytest.raises(ValueError, match="holds 3 rows, expected 4"):
         FeatureBank.load([bad])
+
+
+def _train_workers() -> list[int]:
+    """Pids of this machine's Ray Train worker processes (``ray::RayTrainWorker...`` process titles)."""
+    import subprocess
+
+    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
+    return [int(line.split()[0]) for line in listing.splitlines() if "ray::RayTrainWorker" in line]
+
+
+@pytest.mark.ray
+def test_killed_worker_is_restarted_and_reuses_finished_parts(ray_local, shards, capfd):
+    """A preempted evaluation worker (SIGKILL by pid once the bank parts are in storage): the worker group
+    restarts, reads the bank parts it already wrote instead of extracting them again, and the result is
+    the uninterrupted one."""
+    import os
+    import signal
+    import threading
+    import time
+
+    root, splits = shards
+    (single,) = run_tasks([_task(root, splits, "single-ref")], RunSettings(num_workers=0, device="cpu"))
+    folder = root / "preempted"
+    parts = [folder / "train" / f"part-0000{rank}-of-00002.pt" for rank in (0, 1)]
+    killed: list[int] = []
+
+    def preempt():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not all(part.exists() for part in parts):
+            time.sleep(0.05)
+        pids = _train_workers()
+        if pids and all(part.exists() for part in parts):
+            killed.append(pids[-1])
+            killed.append(max(part.stat().st_mtime_ns for part in parts))
+            os.kill(pids[-1], signal.SIGKILL)
+
+    watcher = threading.Thread(target=preempt, daemon=True)
+    watcher.start()
+    (result,) = run_tasks([_task(root, splits, "preempted")],
+                          RunSettings(num_workers=2, storage_path=str(root / "ray"), name="knn-preempt",
+                                      max_failures=1))
+    watcher.join(timeout=5)
+    assert killed, "no worker was killed: the bank parts never appeared"
+    assert max(part.stat().st_mtime_ns for part in parts) == killed[1]  # reused, not written again
+    logs = ""
+    for _ in range(20):  # worker output reaches the driver asynchronously
+        logs += "".join(capfd.readouterr())
+        if f"knn: reusing {folder / 'train'}" in logs:
+            break
+        time.sleep(0.5)
+    assert f"knn: reusing {folder / 'train'}" in logs, logs[-3000:]  # said by the restarted group
+    for key in ("top1", "top5", "train_samples", "test_samples", "duplicate_samples"):
+        assert result[key] == single[key], key

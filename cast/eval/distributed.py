@@ -108,6 +108,7 @@ def _worker_loop(config: dict) -> None:
     import ray.train
     from ray.train.torch import get_device
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the tasks' notes reach the job log
     train_context = ray.train.get_context()
     context = WorkerContext(rank=train_context.get_world_rank(), world_size=train_context.get_world_size(),
                             device=get_device() if config["use_gpu"] else torch.device("cpu"))
