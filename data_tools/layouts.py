@@ -12,8 +12,43 @@ from dataclasses import dataclass, field
 import fsspec
 
 from cast.data.samples import is_image_file
+from cast.data.transforms import IGNORE_INDEX
 
-LAYOUTS = ("imagefolder", "flat", "voc", "ade20k", "partimagenet")
+LAYOUTS = ("imagefolder", "flat", "voc", "pcontext", "ade20k", "partimagenet")
+DENSE_LAYOUTS = ("voc", "pcontext", "ade20k")
+
+# Class names in label order, as the benchmarks' label PNGs number them (mmseg's lists).
+VOC_CLASSES = tuple(
+    "background aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike "
+    "person pottedplant sheep sofa train tvmonitor".split()
+)
+# Pascal Context, the 60-class variant Segmenter trains on (0 = background, no zero reduction).
+PCONTEXT_CLASSES = tuple(
+    "background aeroplane bag bed bedclothes bench bicycle bird boat book bottle building bus cabinet car "
+    "cat ceiling chair cloth computer cow cup curtain dog door fence floor flower food grass ground horse "
+    "keyboard light motorbike mountain mouse person plate platform pottedplant road rock sheep shelves "
+    "sidewalk sign sky snow sofa table track train tree truck tvmonitor wall water window wood".split()
+)
+# ADE20K SceneParsing: PNG value 0 is "other" and becomes the ignore label, value v > 0 is class v - 1
+# (mmseg's reduce_zero_label), so these 150 names index the reduced labels.
+ADE20K_CLASSES = tuple(
+    name.strip()
+    for name in (
+        "wall,building,sky,floor,tree,ceiling,road,bed,windowpane,grass,cabinet,sidewalk,person,earth,door,"
+        "table,mountain,plant,curtain,chair,car,water,painting,sofa,shelf,house,sea,mirror,rug,field,"
+        "armchair,seat,fence,desk,rock,wardrobe,lamp,bathtub,railing,cushion,base,box,column,signboard,"
+        "chest of drawers,counter,sand,sink,skyscraper,fireplace,refrigerator,grandstand,path,stairs,runway,"
+        "case,pool table,pillow,screen door,stairway,river,bridge,bookcase,blind,coffee table,toilet,flower,"
+        "book,hill,bench,countertop,stove,palm,kitchen island,computer,swivel chair,boat,bar,arcade machine,"
+        "hovel,bus,towel,light,truck,tower,chandelier,awning,streetlight,booth,television receiver,airplane,"
+        "dirt track,apparel,pole,land,bannister,escalator,ottoman,bottle,buffet,poster,stage,van,ship,"
+        "fountain,conveyer belt,canopy,washer,plaything,swimming pool,stool,barrel,basket,waterfall,tent,bag,"
+        "minibike,cradle,oven,ball,food,step,tank,trade name,microwave,pot,animal,bicycle,lake,dishwasher,"
+        "screen,blanket,sculpture,hood,sconce,vase,traffic light,tray,ashcan,fan,pier,crt screen,plate,"
+        "monitor,bulletin board,shower,radiator,glass,clock,flag"
+    ).split(",")
+)
+CLASSES_FILE = "classes.txt"  # optional, at the root of a voc/pcontext folder: one class name per line
 
 
 @dataclass(frozen=True)
@@ -24,6 +59,8 @@ class SourceSample:
     label: int = -1
     mask: str | None = None
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    num_classes: int = 0  # > 0: every mask value must be a class id (after reduction) or the ignore label
+    reduce_zero_label: bool = False  # mask value 0 -> ignore, v -> v - 1 (ADE20K)
 
 
 def _key(relative: str) -> str:
@@ -51,8 +88,8 @@ def scan(src: str, layout: str, split_list: str | None = None) -> tuple[list[Sou
         samples, classes = _imagefolder(rel)
     elif layout == "flat":
         samples, classes = [SourceSample(_key(r), p, s) for r, (p, s) in rel.items() if is_image_file(r)], []
-    elif layout == "voc":
-        samples, classes = _voc(fs, root, rel, split_list)
+    elif layout in ("voc", "pcontext"):
+        samples, classes = _voc(fs, root, rel, split_list, layout)
     elif layout == "partimagenet":
         samples, classes = _partimagenet(fs, root, rel, split_list)
     else:
@@ -94,27 +131,40 @@ def _images_and_masks(
     return by_stem(image_folder, is_image_file), by_stem(mask_folder, lambda r: r.endswith(".png"))
 
 
+def _read_ids(fs, root: str, split_list: str) -> list[str]:
+    """Ids of a split list (first word per line); relative paths are under the layout's root."""
+    remote = "://" in split_list or split_list.startswith("/")
+    opened = fsspec.open(split_list, "rt") if remote else fs.open(posixpath.join(root, split_list), "rt")
+    with opened as handle:
+        return [line.split()[0] for line in handle if line.strip()]
+
+
 def _voc(
-    fs, root: str, rel: dict[str, tuple[str, int]], split_list: str | None
+    fs, root: str, rel: dict[str, tuple[str, int]], split_list: str | None, layout: str = "voc"
 ) -> tuple[list[SourceSample], list[str]]:
-    images, masks = _images_and_masks(rel, "JPEGImages/", "SegmentationClass/")
-    if split_list:
-        with (
-            fsspec.open(split_list, "rt")
-            if "://" in split_list or split_list.startswith("/")
-            else fs.open(posixpath.join(root, split_list), "rt") as handle
-        ):
-            ids = [line.split()[0] for line in handle if line.strip()]
-    else:
-        ids = sorted(set(images) & set(masks))
+    """``JPEGImages/<id>.jpg`` + ``SegmentationClass/<id>.png`` (voc) or ``SegmentationClassContext/<id>.png``
+    (pcontext, the 60-class label PNGs); classes from ``classes.txt`` when the folder has one (the pasted
+    sample set), else the benchmark's."""
+    mask_folder = "SegmentationClassContext/" if layout == "pcontext" else "SegmentationClass/"
+    images, masks = _images_and_masks(rel, "JPEGImages/", mask_folder)
+    ids = _read_ids(fs, root, split_list) if split_list else sorted(set(images) & set(masks))
     missing = [i for i in ids if i not in images or i not in masks]
     if missing:
         raise FileNotFoundError(
-            f"VOC split lists {len(missing)} ids without JPEGImages/<id>.jpg or "
-            f"SegmentationClass/<id>.png, e.g. {missing[0]!r}"
+            f"{layout} split lists {len(missing)} ids without JPEGImages/<id>.jpg or "
+            f"{mask_folder}<id>.png, e.g. {missing[0]!r}"
         )
-    samples = [SourceSample(_key(i), images[i][0], images[i][1] + masks[i][1], mask=masks[i][0]) for i in ids]
-    return samples, []
+    if CLASSES_FILE in rel:
+        classes = [line.strip() for line in fs.cat_file(rel[CLASSES_FILE][0]).decode().splitlines()]
+        classes = [name for name in classes if name]
+    else:
+        classes = list(PCONTEXT_CLASSES if layout == "pcontext" else VOC_CLASSES)
+    samples = [
+        SourceSample(_key(i), images[i][0], images[i][1] + masks[i][1], mask=masks[i][0],
+                     num_classes=len(classes))
+        for i in ids
+    ]
+    return samples, classes
 
 
 def _ade20k(rel: dict[str, tuple[str, int]]) -> tuple[list[SourceSample], list[str]]:
@@ -125,7 +175,44 @@ def _ade20k(rel: dict[str, tuple[str, int]]) -> tuple[list[SourceSample], list[s
             f"ADE20K layout: {len(unmatched)} images/ and annotations/ entries without a "
             f"partner, e.g. {unmatched[0]!r}"
         )
-    return [SourceSample(_key(i), v[0], v[1] + masks[i][1], mask=masks[i][0]) for i, v in images.items()], []
+    samples = [
+        SourceSample(_key(i), v[0], v[1] + masks[i][1], mask=masks[i][0], num_classes=len(ADE20K_CLASSES),
+                     reduce_zero_label=True)
+        for i, v in images.items()
+    ]
+    return samples, list(ADE20K_CLASSES)
+
+
+def mask_bytes(sample: SourceSample, data: bytes) -> bytes:
+    """The ``seg.png`` member of a dense sample: label values checked against its classes (ValueError
+    naming the file when one is neither a class id nor 255) and, for ADE20K, reduced by one (0 -> 255)."""
+    if not sample.num_classes and not sample.reduce_zero_label:
+        return data
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cast.data.samples import decode_mask
+
+    labels = np.asarray(decode_mask(data, sample.mask))
+    if labels.ndim != 2:
+        raise ValueError(f"{sample.mask}: a label PNG needs one channel of class ids, got {labels.shape}")
+    labels = labels.astype(np.int64)
+    if sample.reduce_zero_label:
+        labels = np.where((labels == 0) | (labels == IGNORE_INDEX), IGNORE_INDEX, labels - 1)
+    bad = np.unique(labels[(labels != IGNORE_INDEX) & (labels >= sample.num_classes)])
+    if sample.num_classes and bad.size:
+        shift = 1 if sample.reduce_zero_label else 0
+        raise ValueError(
+            f"{sample.mask}: label value(s) {(bad + shift).tolist()[:8]} outside the "
+            f"{sample.num_classes} classes (0..{sample.num_classes - 1 + shift}) and not {IGNORE_INDEX}"
+        )
+    if not sample.reduce_zero_label:
+        return data  # valid: copied untouched (palette PNGs keep their palette)
+    buffer = io.BytesIO()
+    Image.fromarray(labels.astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _partimagenet(fs, root: str, rel: dict[str, tuple[str, int]], split: str | None

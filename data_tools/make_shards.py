@@ -35,7 +35,7 @@ from webdataset import TarWriter
 
 from cast.data.samples import LABEL_KEY, MASK_KEY
 from cast.data.shards import INFO_FILE, Manifest, Shard, read_manifest
-from data_tools.layouts import LAYOUTS, SourceSample, scan
+from data_tools.layouts import LAYOUTS, SourceSample, mask_bytes, scan
 
 TOOL_VERSION = "cast-train-shards/1"
 
@@ -84,7 +84,7 @@ def _members(sample: SourceSample) -> dict:
         members[LABEL_KEY] = str(sample.label).encode()
     if sample.mask is not None:
         with fsspec.open(sample.mask, "rb") as handle:
-            members[MASK_KEY] = handle.read()
+            members[MASK_KEY] = mask_bytes(sample, handle.read())
     members["json"] = json.dumps({"source": sample.image, **sample.meta}, sort_keys=True).encode()
     return members
 

@@ -30,7 +30,7 @@ def _check_sample(sample: dict, labelled: bool) -> str | None:
     key = image_key(sample)
     if key is None:
         return "no image member"
-    if labelled and LABEL_KEY not in sample:
+    if labelled and LABEL_KEY not in sample and MASK_KEY not in sample:  # dense sets: classes name mask ids
         return f"no {LABEL_KEY} member"
     try:
         decode_image(sample[key], f"{sample['__key__']}.{key}")

@@ -102,7 +102,8 @@ def test_voc_and_ade20k_layouts(tmp_path):
         split_list="ImageSets/Segmentation/train.txt",
         progress=False,
     )
-    assert info.num_samples == 3 and info.classes == []
+    assert info.num_samples == 3 and len(info.classes) == 21
+    assert info.classes[:2] == ["background", "aeroplane"]
     members = _members(str(tmp_path / "voc_out" / "train-000000.tar"))
     assert {name.split(".", 1)[1] for name in members} == {"jpg", "seg.png", "json"}
     assert verify(str(tmp_path / "voc_out")).ok

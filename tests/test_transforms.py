@@ -15,6 +15,8 @@ from cast.data.transforms import (
     LinearRecipe,
     MocoRecipe,
     RandomGaussianBlur,
+    SegmentationRecipe,
+    _random_crop_box,
     build_recipe,
 )
 
@@ -124,7 +126,7 @@ def test_segmentation_transforms_image_and_mask_jointly():
     palette = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], dtype=np.uint8)
     image = Image.fromarray(palette[quadrant])
     mask = Image.fromarray(quadrant.astype(np.uint8))
-    recipe = build_recipe("segmentation", 48)
+    recipe = SegmentationRecipe(48, photometric=False)  # colours must stay comparable to the palette
     torch.manual_seed(3)
     for _ in range(10):
         (view,), mask_t = recipe.augment(image, mask)
@@ -141,3 +143,28 @@ def test_segmentation_transforms_image_and_mask_jointly():
             assert view[~valid.numpy()].max() == 0  # padding: black image, ignore mask
     with pytest.raises(ValueError, match="needs a mask"):
         recipe.augment(image)
+
+
+def test_segmentation_recipe_is_seeded_and_keeps_classes_apart():
+    """Same torch seed -> same crop, flip and colours; the crop avoids one class filling > 75 %."""
+    rng = np.random.default_rng(1)
+    mask = np.zeros((96, 128), dtype=np.uint8)
+    mask[60:90, 10:40] = 3  # a small object on a big background: most random crops are > 75 % background
+    image = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    recipe = build_recipe("segmentation", 48)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        draws.append([recipe.augment(image, Image.fromarray(mask)) for _ in range(5)])
+    for (view_a, mask_a), (view_b, mask_b) in zip(*draws):
+        assert np.array_equal(view_a[0], view_b[0]) and torch.equal(mask_a, mask_b)
+    square = torch.zeros(120, 120, dtype=torch.int64)
+    square[:60, :60] = 1  # crops of 60 px: many hold > 75 % of one class
+
+    def balanced(cat_max_ratio):
+        torch.manual_seed(0)
+        boxes = [_random_crop_box(square, 60, cat_max_ratio) for _ in range(200)]
+        fractions = [(60 - min(top, 60)) * (60 - min(left, 60)) / 3600 for top, left in boxes]
+        return sum(0.25 < f < 0.75 for f in fractions) / len(fractions)
+
+    assert balanced(0.75) > 0.9 > 0.5 > balanced(1.0)

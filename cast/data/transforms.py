@@ -167,34 +167,83 @@ class LinearRecipe(Recipe):
         return [_to_uint8(self.view(image))], None
 
 
+def _random_crop_box(mask: torch.Tensor, size: int, cat_max_ratio: float, tries: int = 10):
+    """(top, left) of a ``size`` crop (clipped to the image) in which no class
+    covers more than ``cat_max_ratio`` of the labelled pixels, if one of ``tries`` draws finds one
+    (mmseg's RandomCrop); ``torch`` RNG, so the reader's per-epoch seed makes it reproducible."""
+    height, width = mask.shape[-2:]
+    top = left = 0
+    for _ in range(tries):
+        top = int(torch.randint(max(height - size, 0) + 1, ()))
+        left = int(torch.randint(max(width - size, 0) + 1, ()))
+        if cat_max_ratio >= 1:
+            break
+        crop = mask[..., top : top + size, left : left + size]
+        labels = crop[crop != IGNORE_INDEX]
+        counts = torch.bincount(labels.flatten()) if labels.numel() else torch.zeros(1)
+        if (counts > 0).sum() > 1 and counts.max() < cat_max_ratio * counts.sum():
+            break
+    return top, left
+
+
+def _resize_pair(image: torch.Tensor, mask: torch.Tensor, height: int, width: int):
+    image = v2.functional.resize(image, [height, width], antialias=True)
+    mask = v2.functional.resize(mask, [height, width], interpolation=v2.InterpolationMode.NEAREST)
+    return image, mask
+
+
+def _pad_pair(image: torch.Tensor, mask: torch.Tensor, size: int):
+    """Pad bottom/right up to ``size`` (image 0, mask the ignore label), as mmseg pads to the crop."""
+    pad_h, pad_w = max(size - image.shape[-2], 0), max(size - image.shape[-1], 0)
+    if pad_h or pad_w:
+        image = v2.functional.pad(image, [0, 0, pad_w, pad_h], fill=0)
+        mask = v2.functional.pad(mask, [0, 0, pad_w, pad_h], fill=IGNORE_INDEX)
+    return image, mask
+
+
 class SegmentationRecipe(Recipe):
-    """Image and mask jointly (torchvision v2, mask as ``tv_tensors.Mask``): random rescale 0.5-2 of
-    the crop size, random crop padded with the ignore index, horizontal flip (mmseg-style, §5.4)."""
+    """The mmseg training pipeline on torchvision v2 (§5.4), image and mask jointly: rescale so the image
+    fits ``scale x ratio`` (ratio ~ U(0.5, 2.0), aspect kept), random crop whose largest class covers at
+    most ``cat_max_ratio``, flip 0.5, photometric distortion (brightness, contrast, saturation, hue, each
+    p 0.5), then pad to the crop (image 0, mask the ignore label). ``scale`` defaults to (4 x crop, crop),
+    mmseg's (2048, 512) at 512 px. Every draw uses torch's RNG, which the reader seeds per (seed, epoch,
+    reader): resumable. Evaluation reads images as stored (``segmentation_eval``); ``cast.eval.dense``
+    resizes and windows them."""
 
     needs_mask = True
 
-    def __init__(self, size: int, train: bool = True):
+    def __init__(self, size: int, scale: tuple[int, int] | None = None,
+                 ratio_range: tuple[float, float] = (0.5, 2.0), cat_max_ratio: float = 0.75,
+                 photometric: bool = True):
         super().__init__(size)
-        if train:
-            self.joint = v2.Compose(
-                [
-                    v2.RandomResize(size // 2, size * 2),
-                    v2.RandomCrop(
-                        size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
-                    ),
-                    v2.RandomHorizontalFlip(),
-                ]
-            )
-        else:
-            self.joint = v2.Compose([v2.Resize(size), v2.CenterCrop(size)])
+        self.scale = scale or (4 * size, size)
+        self.ratio_range, self.cat_max_ratio = ratio_range, cat_max_ratio
+        self.flip = v2.RandomHorizontalFlip()
+        self.photometric = v2.RandomPhotometricDistort(
+            brightness=(0.875, 1.125), contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=(-0.1, 0.1), p=0.5
+        ) if photometric else None
 
     def augment(self, image, mask=None):
         if mask is None:
             raise ValueError("segmentation recipe needs a mask (seg.png) per sample")
         image_t = tv_tensors.Image(torch.from_numpy(_to_uint8(image)).permute(2, 0, 1))
         mask_t = tv_tensors.Mask(torch.from_numpy(np.asarray(mask, dtype=np.int64)))
-        image_t, mask_t = self.joint(image_t, mask_t)
-        return [image_t.permute(1, 2, 0).contiguous().numpy()], mask_t.as_subclass(torch.Tensor).long()
+        height, width = image_t.shape[-2:]
+        low, high = self.ratio_range
+        ratio = low + (high - low) * float(torch.rand(()))
+        long_side, short_side = self.scale[0] * ratio, self.scale[1] * ratio
+        factor = min(long_side / max(height, width), short_side / min(height, width))
+        image_t, mask_t = _resize_pair(image_t, mask_t, max(1, round(height * factor)),
+                                       max(1, round(width * factor)))
+        top, left = _random_crop_box(mask_t, self.size, self.cat_max_ratio)
+        window = (slice(None), slice(top, top + self.size), slice(left, left + self.size))
+        image_t, mask_t = tv_tensors.Image(image_t[window]), tv_tensors.Mask(mask_t[window[1:]])
+        image_t, mask_t = self.flip(image_t, mask_t)
+        if self.photometric is not None:
+            image_t = self.photometric(image_t)
+        image_t, mask_t = _pad_pair(image_t, mask_t, self.size)
+        view = image_t.as_subclass(torch.Tensor).permute(1, 2, 0).contiguous().numpy()
+        return [view], mask_t.as_subclass(torch.Tensor).long()
 
 
 class StoredRecipe(Recipe):

@@ -19,7 +19,7 @@ from torch import nn
 
 from cast.artifacts import latest_checkpoint, read_state
 from cast.models import CAST, create_model, load_original_checkpoint
-from cast.models.original_checkpoint import read_checkpoint, split_layout
+from cast.models.original_checkpoint import fit_position_table, read_checkpoint, split_layout
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,15 @@ def own_state_dict(checkpoint: dict, model: CAST) -> dict[str, torch.Tensor] | N
 
 
 def _load(source: str | dict, model: CAST) -> tuple[list[str], list[str], str]:
-    """Load weights; returns (missing backbone keys, mismatched keys, description)."""
+    """Load weights; returns (missing backbone keys, mismatched keys, description). Position tables are
+    resized to the model's grid in either layout."""
     checkpoint = source if isinstance(source, dict) else _read(source)
     state = own_state_dict(checkpoint, model)
     if state is None:
         report = load_original_checkpoint(checkpoint, model)
         return [k for k in report.missing if not _is_head(k)], report.mismatched, str(report)
+    state = dict(state)
+    resized = fit_position_table(state, model)
     ours = model.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
                   for k, v in state.items() if k in ours and v.shape != ours[k].shape]
@@ -64,7 +67,8 @@ def _load(source: str | dict, model: CAST) -> tuple[list[str], list[str], str]:
     result = model.load_state_dict(fitting, strict=False)
     unexpected = sorted(set(state) - set(ours))
     description = (f"our layout: loaded {len(fitting)} tensors; missing {result.missing_keys[:8]}; "
-                   f"unexpected {unexpected[:8]}; mismatched {mismatched[:8]}")
+                   f"unexpected {unexpected[:8]}; mismatched {mismatched[:8]}"
+                   + (f"; resized {resized}" if resized else ""))
     return [k for k in result.missing_keys if not _is_head(k)], mismatched, description
 
 
@@ -85,11 +89,18 @@ def load_model(model_name: str, checkpoint: str | None, *, device: str | torch.d
     return model.eval().to(device)
 
 
-def load_backbone(checkpoint: str | dict, model: CAST) -> str:
+def load_backbone(checkpoint: str | dict, model: CAST, new: tuple[str, ...] = ()) -> str:
     """Load every backbone weight of ``checkpoint`` (a location, or a checkpoint dict already read) into
-    ``model``, any layout of the module doc; returns what was loaded. Heads may be absent; ValueError
-    naming the checkpoint when a backbone weight is missing or does not fit."""
+    ``model``, any layout of the module doc; returns what was loaded. Heads may be absent, and so may keys
+    under the ``new`` prefixes (e.g. ``fusion.``: a classification checkpoint into a dense model keeps its
+    freshly initialised block fusion; the description names them). ValueError naming the checkpoint when
+    another backbone weight is missing or does not fit."""
     missing, mismatched, description = _load(checkpoint, model)
+    fresh = [k for k in missing if k.startswith(new)] if new else []
+    missing = [k for k in missing if k not in fresh]
+    if fresh:
+        owners = sorted({k.split(".")[0] for k in fresh})
+        description += f"\nnew (freshly initialised): {len(fresh)} tensors of {owners}"
     if missing or mismatched:
         name = checkpoint if isinstance(checkpoint, str) else "checkpoint"
         raise ValueError(f"{name}: does not fit {model.pretrained_cfg.get('architecture', 'the model')} "

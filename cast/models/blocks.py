@@ -47,9 +47,11 @@ class TransformerBlock(nn.Module):
     """x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x))); LayerNorm eps 1e-6 as in CAST/timm."""
 
     def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0,
+        dropout: float = 0.0,
     ):
         super().__init__()
+        self.drop = nn.Dropout(dropout)  # on both branch outputs (Segmenter's decoder blocks use 0.1)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -57,5 +59,5 @@ class TransformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), padding_mask))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.drop(self.attn(self.norm1(x), padding_mask)))
+        return x + self.drop_path(self.drop(self.mlp(self.norm2(x))))

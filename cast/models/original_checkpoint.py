@@ -193,6 +193,19 @@ def _fit_positions(value: Tensor, ours: Tensor, has_cls_row: bool) -> Tensor | N
     return torch.cat([value[:, :cls_rows], grid], dim=1)
 
 
+def fit_position_table(state: dict[str, Tensor], model: CAST) -> str | None:
+    """Resize ``state['pos_embed']`` in place to ``model``'s grid when only its size differs (a 224-px
+    checkpoint into a 512-px model); returns a note of what was resized, None when nothing was."""
+    value, own = state.get("pos_embed"), model.state_dict().get("pos_embed")
+    if value is None or own is None or value.shape == own.shape:
+        return None
+    resized = _fit_positions(value, own, has_cls_row=model.config.pos_embed == "learned")
+    if resized is None:
+        return None
+    state["pos_embed"] = resized
+    return f"pos_embed {tuple(value.shape)} -> {tuple(resized.shape)}"
+
+
 def load_original_checkpoint(src: str | dict[str, Any], model: CAST, *, strict: bool = False) -> LoadReport:
     """Load an original CAST checkpoint (path/URL via fsspec, or an already loaded dict) into ``model``.
 
@@ -208,15 +221,13 @@ def load_original_checkpoint(src: str | dict[str, Any], model: CAST, *, strict: 
     report.extras = extras
     own = model.state_dict()
     accepted: dict[str, Tensor] = {}
+    resized = fit_position_table(mapped, model)
+    if resized:
+        report.resized.append(resized)
     for key, value in mapped.items():
         if key not in own:
             report.unexpected.append(key)
             continue
-        if value.shape != own[key].shape and key == "pos_embed":
-            resized = _fit_positions(value, own[key], has_cls_row=model.config.pos_embed == "learned")
-            if resized is not None:
-                report.resized.append(f"pos_embed {tuple(value.shape)} -> {tuple(resized.shape)}")
-                value = resized
         if value.shape != own[key].shape:
             report.mismatched.append(
                 f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
