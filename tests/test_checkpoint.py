@@ -9,11 +9,13 @@ import numpy as np
 import pyarrow.fs
 import pytest
 import torch
+from botocore.exceptions import EndpointConnectionError
 from ray.train import Checkpoint
 from torch import nn
 
 from cast import artifacts as ckpt
 from cast.artifacts import COMPLETE_MARKER, latest_checkpoint, new_checkpoint_folder, read_state
+from cast.storage import PermanentStorageError, RetryPolicy, StorageUnreachable
 from cast.train.checkpoint import Position, checkpoint_name, retrying_upload, rng_state, set_rng_state
 
 
@@ -82,7 +84,7 @@ def test_save_restore_is_exact(tmp_path):
 
 def test_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     storage = str(tmp_path / "run")
-    upload = retrying_upload(1, 0.0, persist=_persist_into(storage))
+    upload = retrying_upload(RetryPolicy(deadline_s=0), storage, persist=_persist_into(storage))
     good_position = Position(step=10, epoch=1)
     _, _, state = _state(good_position)
     upload(Checkpoint.from_directory(new_checkpoint_folder(state, "")), checkpoint_name(good_position))
@@ -110,7 +112,7 @@ def test_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
 def test_transient_upload_errors_are_retried(tmp_path):
     storage = str(tmp_path / "run")
     real = _persist_into(storage)
-    failures = [OSError("503 Slow Down"), OSError("connection reset")]
+    failures = [OSError("503 Slow Down"), EndpointConnectionError(endpoint_url="http://127.0.0.1:1")]
 
     def flaky(checkpoint, name):
         if failures:
@@ -119,15 +121,23 @@ def test_transient_upload_errors_are_retried(tmp_path):
 
     delays = []
     _, _, state = _state(Position(step=3))
-    persisted = retrying_upload(4, 0.5, persist=flaky, sleep=delays.append)(
+    policy = RetryPolicy(deadline_s=60, first_delay_s=0.5, max_delay_s=10)
+    persisted = retrying_upload(policy, storage, persist=flaky, sleep=delays.append)(
         Checkpoint.from_directory(new_checkpoint_folder(state, "")), "checkpoint_a"
     )
-    assert delays == [0.5, 1.0]
+    assert len(delays) == 2 and 0 <= delays[0] <= 0.5 and 0 <= delays[1] <= 1.0  # backoff with jitter
     assert os.path.exists(os.path.join(persisted.path, COMPLETE_MARKER))
     assert latest_checkpoint(storage).endswith("checkpoint_a")
     always = retrying_upload(
-        2, 0.0, persist=lambda c, n: (_ for _ in ()).throw(OSError("down")), sleep=delays.append
+        RetryPolicy(deadline_s=0), storage, persist=lambda c, n: (_ for _ in ()).throw(OSError("down")),
+        sleep=delays.append,
     )
-    with pytest.raises(OSError, match="down"):
+    with pytest.raises(StorageUnreachable, match=r"checkpoint_b \(ray.storage_path\).*down"):
         always(Checkpoint.from_directory(new_checkpoint_folder(state, "")), "checkpoint_b")
+    denied = retrying_upload(  # permanent: not retried at all
+        policy, storage, persist=lambda c, n: (_ for _ in ()).throw(PermissionError("AccessDenied")),
+        sleep=lambda s: pytest.fail("a 403 was retried"),
+    )
+    with pytest.raises(PermanentStorageError, match="not retried"):
+        denied(Checkpoint.from_directory(new_checkpoint_folder(state, "")), "checkpoint_c")
     assert latest_checkpoint(storage).endswith("checkpoint_a")

@@ -182,9 +182,9 @@ def test_prefetched_s3_shards_match_streamed_ones_and_count_a_truncated_shard(tm
         handle.write(data[:cut])
     fetched: list[str] = []
 
-    def spy(url: str) -> bytes:
+    def spy(url: str, *args) -> bytes:
         fetched.append(url)
-        return real_fetch(url)
+        return real_fetch(url, *args)
 
     real_fetch = shards.fetch_shard
     monkeypatch.setattr(shards, "fetch_shard", spy)
@@ -220,7 +220,7 @@ def test_prefetched_s3_shards_match_streamed_ones_and_count_a_truncated_shard(tm
 
 
 def test_local_shards_are_read_in_place(local_shards, monkeypatch):
-    monkeypatch.setattr(shards, "fetch_shard", lambda url: pytest.fail(f"{url} fetched whole"))
+    monkeypatch.setattr(shards, "fetch_shard", lambda url, *a: pytest.fail(f"{url} fetched whole"))
     urls = [shard.url for shard in list_shards(local_shards).shards]
     assert list(iter_shards(urls, Counters(), prefetch=2)) == list(iter_shards(urls, Counters(), prefetch=0))
 

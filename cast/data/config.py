@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cast.storage import RetryPolicy
+
 
 @dataclass
 class DataConfig:
@@ -24,6 +26,8 @@ class DataConfig:
     # False: one pass, every sample exactly once, short last batches, ranks may differ in batch count.
     # For evaluation only: a DDP training step needs every rank to agree (see the remainder rule).
     drop_remainder: bool = True
+    # transient storage errors of shard fetches and manifest reads are retried this long (cast.storage)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def validate(self) -> None:
         """Fail early, naming the field, before any worker or cluster resource starts."""
@@ -38,6 +42,7 @@ class DataConfig:
                 raise ValueError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0 or self.shuffle_buffer < 0 or self.prefetch_shards < 0:
             raise ValueError("data.num_workers, data.shuffle_buffer and data.prefetch_shards must be >= 0")
+        self.retry.validate("data.retry")
 
     def provider(self):
         """The superpixel provider ``superpixels`` names (None for "" / "none")."""

@@ -177,7 +177,10 @@ class ShardStream(IterableDataset):
             first = round_index == 0  # damage is counted and logged on the first pass only
             tally = counters if first else Counters()
             urls = [shard.url for shard in shards]
-            for sample in iter_shards(urls, tally, report=first, prefetch=self.cfg.prefetch_shards):
+            samples = iter_shards(
+                urls, tally, report=first, prefetch=self.cfg.prefetch_shards, policy=self.cfg.retry
+            )
+            for sample in samples:
                 if not self._complete(sample, tally, report=first):
                     continue
                 produced += 1
@@ -294,7 +297,7 @@ def build_loader(
         provider = cfg.provider()
     stream = ShardStream(
         cfg,
-        list_shards(cfg.shards),
+        list_shards(cfg.shards, cfg.retry),
         rank=rank,
         world_size=world_size,
         epoch=epoch,

@@ -21,6 +21,11 @@ Remote shards (any non-local fsspec URL) are fetched whole, one GET each, by a b
 ``prefetch`` shards ahead of the one being parsed (MosaicML ``predownload`` / webdataset#300): the
 next download overlaps the current parse instead of paying per-read round trips. Memory per reader
 is bounded by ``prefetch + 1`` shards. Local files are read in place.
+
+Every fetch and manifest read goes through ``cast.storage.retry``: a transient error is retried up to
+the policy's deadline. A shard that fails for good is skipped and counted by why: ``missing_shard``
+(404/403: listed but not there), ``unreachable_shard`` (still failing at the deadline), distinct
+from ``truncated_shard`` (the bytes came, the tar is damaged).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import io
 import json
 import posixpath
 import tarfile
+import threading
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +44,16 @@ from dataclasses import dataclass, field
 import braceexpand
 import fsspec
 from webdataset.tariterators import group_by_keys
+
+from cast.storage import (
+    TRANSIENT,
+    PermanentStorageError,
+    RetryPolicy,
+    StorageUnreachable,
+    classify,
+    read_bytes,
+    retry,
+)
 
 INFO_FILE = "_info.json"
 # streamed files are read 1 MiB at a time (per-call overhead of remote files dominates at 16 KiB) through
@@ -210,13 +226,15 @@ def manifest_url(spec: str) -> str:
     return spec if spec.endswith(".json") else spec.rstrip("/") + "/" + INFO_FILE
 
 
-def _load_manifest(info_url: str) -> Manifest | None:
-    """The manifest at ``info_url``, ``None`` when there is no such file: the only ``_info.json`` parser."""
+def _load_manifest(info_url: str, policy: RetryPolicy | None = None) -> Manifest | None:
+    """The manifest at ``info_url``, ``None`` when there is no such file (or bucket): the only
+    ``_info.json`` parser. Other storage failures raise ``StorageError``."""
     try:
-        with fsspec.open(info_url, "rb") as handle:
-            raw = handle.read()
-    except FileNotFoundError:
-        return None
+        raw = read_bytes(info_url, policy)
+    except PermanentStorageError as error:
+        if isinstance(error.__cause__, FileNotFoundError):
+            return None
+        raise
     try:
         record = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -224,10 +242,10 @@ def _load_manifest(info_url: str) -> Manifest | None:
     return Manifest.from_json(record, info_url)
 
 
-def read_manifest(spec: str) -> Manifest:
+def read_manifest(spec: str, policy: RetryPolicy | None = None) -> Manifest:
     """The manifest of a shard folder/URL (or of its ``_info.json``)."""
     info_url = manifest_url(spec)
-    manifest = _load_manifest(info_url)
+    manifest = _load_manifest(info_url, policy)
     if manifest is None:
         raise ShardSetError(
             f"{spec}: no {INFO_FILE} at {info_url} (expected a shard folder holding {INFO_FILE}, the file "
@@ -250,14 +268,14 @@ def is_shard_set(spec: str) -> bool:
     return fs.isdir(path) and fs.exists(posixpath.join(path, INFO_FILE))
 
 
-def list_shards(spec: str) -> Manifest:
+def list_shards(spec: str, policy: RetryPolicy | None = None) -> Manifest:
     """The shards of a shard set with their sample counts.
 
     For a brace pattern or a single ``.tar`` the counts come from a sibling ``_info.json`` when
     there is one (ours or timm's), else from reading the tar headers; classes come from it too.
     """
     if not is_pattern(spec):
-        manifest = read_manifest(spec)
+        manifest = read_manifest(spec, policy)
         if not manifest.shards:
             found = f"splits {sorted(manifest.splits)}" if manifest.splits else "no shards"
             raise ShardSetError(
@@ -266,7 +284,7 @@ def list_shards(spec: str) -> Manifest:
             )
         return manifest
     urls = list(braceexpand.braceexpand(spec))
-    sibling = _load_manifest(manifest_url(posixpath.dirname(urls[0]))) or Manifest()
+    sibling = _load_manifest(manifest_url(posixpath.dirname(urls[0])), policy) or Manifest()
     known = {posixpath.basename(shard.url): shard.num_samples for shard in sibling.shards}
     for split in sibling.splits.values():
         known.update(zip((posixpath.basename(name) for name in split.filenames), split.shard_lengths))
@@ -278,7 +296,8 @@ def list_shards(spec: str) -> Manifest:
 
 
 class Counters(Counter):
-    """Skip/corruption counts by reason (``corrupt_image``, ``missing_key``, ``truncated_shard``) plus
+    """Skip/corruption counts by reason (``corrupt_image``, ``missing_key``, ``truncated_shard``,
+    ``missing_shard``, ``unreachable_shard``, ...) plus
     the messages naming the shard and sample, kept so DataLoader workers can hand them to the main
     process, which logs them (a worker's own log records never reach the training loop's handlers)."""
 
@@ -320,15 +339,18 @@ def _duplicate_member(error: Exception) -> bool:
     raise tarfile.ReadError(str(error.args[0]) if error.args else repr(error)) from error
 
 
-def iter_tar_samples(url: str, fetched: Future | None = None) -> Iterator[dict]:
+def iter_tar_samples(
+    url: str, fetched: Future | None = None, policy: RetryPolicy | None = None
+) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one tar, in tar order; read from
-    ``fetched`` (a future of the whole object's bytes) when given, else streamed from ``url``.
-    Damage raises (``tarfile.TarError``, ``OSError``, ``EOFError``) after the samples before it."""
+    ``fetched`` (a future of the whole object's bytes) when given, else streamed from ``url`` (the
+    open retried under ``policy``). Damage raises (``tarfile.TarError``, ``OSError``, ``EOFError``)
+    after the samples before it; a failed fetch or open raises ``StorageError``."""
     whole = fetched.result() if fetched is not None else None
     if whole is not None:
         yield from group_by_keys(_tar_members(io.BytesIO(whole), url, len(whole)), handler=_duplicate_member)
         return
-    with fsspec.open(url, "rb") as handle:
+    with retry(fsspec.open(url, "rb").open, url, policy, what="open") as handle:
         members = _tar_members(io.BufferedReader(handle, READ_BUFFER), url, getattr(handle, "size", None))
         yield from group_by_keys(members, handler=_duplicate_member)
 
@@ -338,35 +360,64 @@ def count_samples(url: str) -> int:
 
 
 def iter_raw_samples(
-    url: str, counters: Counters, report: bool = True, fetched: Future | None = None
+    url: str,
+    counters: Counters,
+    report: bool = True,
+    fetched: Future | None = None,
+    policy: RetryPolicy | None = None,
 ) -> Iterator[dict]:
-    """``iter_tar_samples`` that never raises on damage: a truncated or unreadable tar ends the
-    shard early (counted as ``truncated_shard``); samples read before the damage are kept, the one
-    in progress is dropped. A failed fetch counts the same, and so does a tar without its
-    end-of-archive block (cut at a member boundary)."""
+    """``iter_tar_samples`` that never raises on damage or storage failure: the shard ends early and
+    the reason is counted. ``truncated_shard``: a truncated or unreadable tar, or one without its
+    end-of-archive block (samples read before the damage are kept, the one in progress dropped);
+    ``missing_shard``: not found or forbidden; ``unreachable_shard``: transient errors past the
+    deadline (fetching, or a streamed read cut off mid-shard)."""
     try:
-        yield from iter_tar_samples(url, fetched)
-    except (tarfile.TarError, EOFError, OSError) as error:
-        message = f"{url}: damaged tar ({type(error).__name__}: {error}); rest of the shard skipped"
-        counters.record("truncated_shard", message if report else None)
+        yield from iter_tar_samples(url, fetched, policy)
+    except Exception as error:  # noqa: BLE001 - sorted by _shard_failure, anything else re-raised
+        reason = _shard_failure(error)
+        if reason is None:
+            raise
+        counters.record(reason, f"{url}: {reason} ({type(error).__name__}: {error}); shard skipped from here"
+                        if report else None)
+
+
+def _shard_failure(error: Exception) -> str | None:
+    """The skip reason of an error that ended a shard, None when it is no data or storage error."""
+    if isinstance(error, PermanentStorageError):
+        return "missing_shard"
+    if isinstance(error, StorageUnreachable):
+        return "unreachable_shard"
+    if isinstance(error, (tarfile.TarError, EOFError)):
+        return "truncated_shard"
+    kind = classify(error)  # a streamed read cut off mid-shard (botocore's errors are no OSError)
+    if kind == TRANSIENT:
+        return "unreachable_shard"
+    return "truncated_shard" if isinstance(error, OSError) else None
 
 
 def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
-def fetch_shard(url: str) -> bytes:
-    """The whole object in one request (s3fs: a single GET, not block-sized range reads)."""
+def fetch_shard(url: str, policy: RetryPolicy | None = None, stop: threading.Event | None = None) -> bytes:
+    """The whole object in one request (s3fs: a single GET, not block-sized range reads), retried
+    under ``policy`` until it arrives, fails for good, or ``stop`` is set."""
     fs, path = fsspec.core.url_to_fs(url)
-    return fs.cat_file(path)
+    return retry(lambda: fs.cat_file(path), url, policy, what="fetch", stop=stop)
 
 
 def iter_shards(
-    urls: Sequence[str], counters: Counters, report: bool = True, *, prefetch: int
+    urls: Sequence[str],
+    counters: Counters,
+    report: bool = True,
+    *,
+    prefetch: int,
+    policy: RetryPolicy | None = None,
 ) -> Iterator[dict]:
     """Raw samples of ``urls`` in order; remote shards are fetched ``prefetch`` ahead (0 = streamed)."""
     remote = prefetch > 0 and not all(is_local(url) for url in urls)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cast-shard-prefetch") if remote else None
+    stop = threading.Event()
     pending: deque[tuple[str, Future | None]] = deque()
     upcoming = iter(urls)
 
@@ -375,7 +426,7 @@ def iter_shards(
             url = next(upcoming, None)
             if url is None:
                 return
-            fetched = None if pool is None or is_local(url) else pool.submit(fetch_shard, url)
+            fetched = None if pool is None or is_local(url) else pool.submit(fetch_shard, url, policy, stop)
             pending.append((url, fetched))
 
     try:
@@ -383,7 +434,8 @@ def iter_shards(
         while pending:
             url, fetched = pending.popleft()
             refill()  # the next download starts before this shard is parsed
-            yield from iter_raw_samples(url, counters, report, fetched)
-    finally:  # consumer stopped early: drop queued downloads, do not wait for the running one
+            yield from iter_raw_samples(url, counters, report, fetched, policy)
+    finally:  # consumer stopped early: drop queued downloads, end a retrying one, do not wait for it
+        stop.set()
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)

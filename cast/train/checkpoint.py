@@ -4,14 +4,14 @@
 every rank's RNG), writes it as a checkpoint folder (format in ``cast.artifacts``) and restores it. A
 checkpoint is written to a fresh local temp folder and only then handed to ``ray.train.report``, which
 registers it after the upload finished: an interrupted write or upload never replaces the last good
-checkpoint. Transient storage errors during the upload are retried with backoff (``retrying_upload``).
+checkpoint. The upload goes through the storage policy (``cast.storage.retry``): transient errors are
+retried up to ``checkpoint.retry.deadline_s``, permanent ones fail at once, naming the URL.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from cast.artifacts import COMPLETE_MARKER, latest_checkpoint, new_checkpoint_folder, read_state
+from cast.storage import RetryPolicy, retry
 from cast.train.distributed import gather_objects
 
 log = logging.getLogger(__name__)
@@ -135,12 +136,13 @@ class TrainState:
 
 
 def retrying_upload(
-    attempts: int,
-    backoff_s: float,
+    policy: RetryPolicy,
+    destination: str,
     persist: Callable | None = None,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], object] | None = None,
 ) -> Callable:
-    """A ``checkpoint_upload_fn`` for ``ray.train.report`` that retries transient storage errors.
+    """A ``checkpoint_upload_fn`` for ``ray.train.report``: the upload and its ``_COMPLETE`` marker
+    under the storage policy (``destination``, the run folder, names the failure).
 
     ``persist(checkpoint, dir_name) -> Checkpoint`` defaults to Ray's own upload into the run's storage.
     Ray registers the checkpoint only after this returns, so a failed attempt leaves the last good one.
@@ -152,25 +154,14 @@ def retrying_upload(
             import ray.train
 
             do_persist = ray.train.get_context().get_storage().persist_current_checkpoint
-        for attempt in range(1, attempts + 1):
-            try:
-                persisted = do_persist(checkpoint, dir_name)
-                with persisted.filesystem.open_output_stream(f"{persisted.path}/{COMPLETE_MARKER}") as f:
-                    f.write(b"ok\n")
-                return persisted
-            except OSError as e:  # pyarrow / fsspec errors derive from OSError
-                if attempt == attempts:
-                    raise
-                delay = backoff_s * 2 ** (attempt - 1)
-                log.warning(
-                    "checkpoint upload %s failed (attempt %d/%d: %s); retrying in %.1fs",
-                    dir_name,
-                    attempt,
-                    attempts,
-                    e,
-                    delay,
-                )
-                sleep(delay)
-        raise AssertionError("unreachable")
+
+        def attempt():
+            persisted = do_persist(checkpoint, dir_name)
+            with persisted.filesystem.open_output_stream(f"{persisted.path}/{COMPLETE_MARKER}") as f:
+                f.write(b"ok\n")
+            return persisted
+
+        url = f"{destination.rstrip('/')}/{dir_name}"
+        return retry(attempt, url, policy, key="ray.storage_path", what="checkpoint upload", sleep=sleep)
 
     return upload

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from cast.config import ConfigError
 from cast.data.config import DataConfig
-from cast.storage import absolute, join
+from cast.storage import RetryPolicy, absolute, join
 
 OBJECTIVES = ("moco", "supervised", "linear")
 OPTIMIZERS = ("adamw", "sgd")
@@ -77,8 +77,8 @@ class CheckpointConfig:
     every_steps: int = 0  # also checkpoint every N optimizer steps (0 = epoch ends only)
     keep: int = 3  # newest checkpoints kept in storage
     resume_from: str = ""  # a checkpoint dir (or a run folder: its newest) to start a new run from
-    upload_attempts: int = 4  # a transient storage error is retried this many times
-    upload_backoff_s: float = 1.0  # first retry delay, doubled each time
+    # checkpoint uploads and TensorBoard sync: transient storage errors are retried this long
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 @dataclass
@@ -136,7 +136,6 @@ class TrainConfig:
             ("ray.num_workers", self.ray.num_workers),
             ("logging.every_steps", self.logging.every_steps),
             ("checkpoint.keep", self.checkpoint.keep),
-            ("checkpoint.upload_attempts", self.checkpoint.upload_attempts),
         ):
             _check(value > 0, key, "a positive number", value)
         _check(
@@ -145,6 +144,10 @@ class TrainConfig:
             "between 0 and schedule.epochs",
             self.schedule.warmup_epochs,
         )
+        try:
+            self.checkpoint.retry.validate("checkpoint.retry")
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         _check(
             self.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0", self.checkpoint.every_steps
         )

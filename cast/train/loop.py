@@ -72,7 +72,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
         self.warmup_steps = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
         self.reporter = Reporter(cfg.run_folder(), rank=rank, device=self.device,
-                                 tensorboard=cfg.logging.tensorboard)
+                                 tensorboard=cfg.logging.tensorboard, retry=cfg.checkpoint.retry)
         self.validation = build_validation(cfg, self.objective, rank=rank, world_size=world_size,
                                            device=self.device, provider=self.provider)
 
@@ -143,7 +143,7 @@ class Trainer:
             "epoch_progress": self.epoch_progress(),
         })
         folder = self.state.save() if with_checkpoint else None
-        upload = retrying_upload(self.cfg.checkpoint.upload_attempts, self.cfg.checkpoint.upload_backoff_s)
+        upload = retrying_upload(self.cfg.checkpoint.retry, self.cfg.run_folder())
         self.reporter.publish(metrics, position.step, folder, checkpoint_name(position), upload)
 
 

@@ -8,6 +8,7 @@ them to TensorBoard (rank 0) and hands them, with a checkpoint when there is one
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -16,8 +17,10 @@ from collections import Counter
 
 import torch
 
-from cast.storage import is_url, join
+from cast.storage import RetryPolicy, StorageError, is_url, join, retry
 from cast.train.distributed import all_reduce_sum, gather_objects
+
+log = logging.getLogger(__name__)
 
 
 class MetricsWindow:
@@ -71,11 +74,15 @@ def summed_counters(counters: Counter) -> dict:
 class Reporter:
     """Metrics to TensorBoard (rank 0, under ``<run>/tensorboard``) and to Ray Train.
 
-    On object storage the event files are written locally and copied up at every checkpoint and at the end.
+    On object storage the event files are written locally and copied up at every checkpoint and at the end,
+    under the storage policy; a sync that still fails warns and is tried again at the next one (the
+    files are copied whole each time), it never ends the run.
     """
 
-    def __init__(self, run_folder: str, *, rank: int, device: torch.device, tensorboard: bool):
+    def __init__(self, run_folder: str, *, rank: int, device: torch.device, tensorboard: bool,
+                 retry: RetryPolicy | None = None):
         self.device = device
+        self.retry = retry
         self.writer = None
         self.remote = None
         if rank == 0 and tensorboard:
@@ -117,17 +124,25 @@ class Reporter:
         finally:
             shutil.rmtree(checkpoint_folder, ignore_errors=True)
 
-    def sync(self) -> None:
-        """Copy local TensorBoard files to the run folder on object storage."""
+    def sync(self) -> bool:
+        """Copy local TensorBoard files to the run folder on object storage; False when that failed."""
         if self.writer is None or self.remote is None:
-            return
+            return True
         import fsspec
 
         self.writer.flush()
         fs, path = fsspec.core.url_to_fs(self.remote)
-        fs.put(self.writer.logdir.rstrip("/") + "/", path, recursive=True)
+        local = self.writer.logdir.rstrip("/") + "/"
+        try:
+            retry(lambda: fs.put(local, path, recursive=True), self.remote, self.retry,
+                  key="ray.storage_path", what="TensorBoard sync")
+        except StorageError as error:
+            log.warning("%s; the run goes on, the next sync tries again", error)
+            return False
+        return True
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            self.sync()
+            if self.sync() and self.remote is not None:  # else the events stay, named in the warning
+                shutil.rmtree(self.writer.logdir, ignore_errors=True)
