@@ -40,3 +40,51 @@ def test_bf16_autocast_picks_the_float32_seeds_on_photos(photos):
             logits = model.pools[level](out.cls[:, None], tokens, out.padding_masks[level]).logits
         assert torch.equal(under_autocast, reference), f"level {level}: bf16 autocast changed the FPS seeds"
         assert logits.dtype == torch.float32
+
+
+def _loss_and_grads(model, forward, images, superpixels):
+    out = forward(images, superpixels)
+    out.float().square().mean().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def test_cast_small_forward_and_backward_compile_to_one_graph():
+    """fullgraph=True fails on any graph break (.item(), nonzero, data-dependent shapes). aot_eager traces
+    forward and backward through dynamo and AOTAutograd like inductor does, without its minutes of C++
+    codegen on 2 cores; the benchmark (benchmarks.model --compile) runs inductor itself."""
+    from benchmarks.model import jittered_grid
+
+    torch.manual_seed(0)
+    model = timm.create_model("cast_small", img_size=112, num_tokens=100, pool_dropout=0.0, num_classes=10)
+    model.train()
+    images, superpixels = torch.randn(2, 3, 112, 112), jittered_grid(2, 112, cells=10)
+    eager_out, eager_grads = _loss_and_grads(model, model, images, superpixels)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out, grads = _loss_and_grads(model, compiled, images, superpixels)
+    torch.testing.assert_close(out, eager_out, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == eager_grads.keys() and len(grads) > 100
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("pooling", ["nearest", "area"])
+def test_token_budget_gives_the_dynamic_outputs_plus_padding(pooling):
+    """A fixed budget only adds padded tokens past the largest label: same embedding, logits, seeds."""
+    from benchmarks.model import jittered_grid
+
+    torch.manual_seed(0)
+    dynamic = timm.create_model("cast_tiny", token_pooling=pooling).eval()
+    static = timm.create_model("cast_tiny", token_pooling=pooling, num_tokens=40).eval()
+    static.load_state_dict(dynamic.state_dict())
+    images, superpixels = torch.randn(2, 3, 64, 64), jittered_grid(2, 64, cells=5)  # 25 labels
+    with torch.no_grad():
+        a = dynamic.forward_features(images, superpixels, segmentation=True)
+        b = static.forward_features(images, superpixels, segmentation=True)
+    assert b.tokens[0].shape[1] == 40 and b.padding_masks[0][:, 25:].all()
+    torch.testing.assert_close(b.embedding, a.embedding, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.logits[0][:, :25], a.logits[0], rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(x, y) for x, y in zip(a.seeds, b.seeds))
+    with pytest.raises(ValueError, match="num_tokens"):
+        timm.create_model("cast_tiny", num_tokens=8)

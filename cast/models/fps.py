@@ -50,4 +50,7 @@ def sample_seeds(
     mean = masked_mean(tokens, padding_mask).unsqueeze(1)
     filled = tokens if padding_mask is None else torch.where(padding_mask.unsqueeze(-1), mean, tokens)
     points = torch.cat([mean, filled], dim=1).to(torch.float64 if exact else torch.float32)
-    return farthest_point_sampling(points, num_seeds + 1, start_index=0)[:, 1:] - 1
+    picks = farthest_point_sampling(points, num_seeds + 1, start_index=0)[:, 1:] - 1
+    # an image with fewer valid tokens than seeds ends up re-picking the mean (-1): token 0 instead, so the
+    # forward stays free of host checks (the loader rejects such maps; see cast.data.reader)
+    return picks.clamp_min(0)
