@@ -41,6 +41,11 @@ class CASTConfig:
       when ``compat``).
     compat: reproduce the original exactly for released weights: padded tokens unmasked in attention and
       means, the token count taken batch-wide after snapping, float64 FPS, the last pooling always run.
+    num_tokens: the token budget per image (the recipe's superpixel count, e.g. 196). When set (and not
+      ``compat``) every shape is static and the forward never syncs with the host, so ``torch.compile``
+      gives one graph; labels must lie in [0, num_tokens) and each image needs ``num_clusters[0]`` of them,
+      which the loader checks (``data.max_superpixels``). None: the batch's largest label sets the count
+      and the model checks the maps itself (host syncs).
     """
 
     embed_dim: int = 384
@@ -62,6 +67,7 @@ class CASTConfig:
     fusion_dropout: float = 0.2
     logit_scale: float = 5.0
     compat: bool = False
+    num_tokens: int | None = None
 
     def __post_init__(self):
         self.depths = tuple(int(d) for d in self.depths)
@@ -75,6 +81,11 @@ class CASTConfig:
             raise ValueError(
                 f"CASTConfig: depths must be >= 1 and num_clusters strictly decreasing; "
                 f"got {self.depths} / {self.num_clusters}"
+            )
+        if self.num_tokens is not None and self.num_tokens < self.num_clusters[0]:
+            raise ValueError(
+                f"CASTConfig.num_tokens={self.num_tokens} is below the first pooling's "
+                f"{self.num_clusters[0]} clusters"
             )
         if self.task not in TASKS:
             raise ValueError(f"CASTConfig.task={self.task!r} is not one of {TASKS}")
@@ -97,6 +108,11 @@ class CASTConfig:
         if self.task == "dense":
             return "bilinear" if self.compat else "area"
         return "nearest"
+
+    @property
+    def static_shapes(self) -> bool:
+        """A fixed token budget: no data-dependent shape and no host sync in the forward."""
+        return self.num_tokens is not None and not self.compat
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -214,6 +230,7 @@ class CAST(nn.Module):
         return self.pos_embed[0, 1:], self.pos_embed[:, :1]
 
     def _check_inputs(self, images: torch.Tensor, superpixels: torch.Tensor) -> None:
+        """Shape and dtype always; label values only without a token budget (reading them is a sync)."""
         if images.dim() != 4 or superpixels.dim() != 3 or images.shape[0] != superpixels.shape[0]:
             raise ValueError(
                 f"CAST expects images [B, 3, H, W] and superpixels [B, H, W]; got {tuple(images.shape)} and "
@@ -221,7 +238,7 @@ class CAST(nn.Module):
             )
         if superpixels.dtype.is_floating_point or superpixels.dtype == torch.bool:
             raise ValueError(f"CAST: superpixels must be integer labels, got dtype {superpixels.dtype}")
-        if int(superpixels.min()) < 0:
+        if not self.config.static_shapes and int(superpixels.min()) < 0:
             raise ValueError("CAST: superpixel labels must be >= 0")
 
     def _tokens(self, images: torch.Tensor, superpixels: torch.Tensor):
@@ -229,16 +246,20 @@ class CAST(nn.Module):
         self._check_inputs(images, superpixels)
         config = self.config
         table, cls_pos = self._positions()
+        superpixels = superpixels.long()
+        if config.static_shapes:  # labels past the budget (the loader keeps none) join the last token
+            superpixels = superpixels.clamp(0, config.num_tokens - 1)
         tokens, support = superpixel_tokens(
             self.stem(images),
             table,
             config.grid_size,
-            superpixels.long(),
+            superpixels,
             config.resolved_token_pooling,
             count_labels_on_grid=config.compat,
+            num_segments=config.num_tokens if config.static_shapes else None,
         )
         padding = support == 0
-        if not config.compat:
+        if not config.compat and not config.static_shapes:
             fewest = int((~padding).sum(dim=1).amin())
             if fewest < config.num_clusters[0]:
                 raise ValueError(

@@ -43,6 +43,22 @@ def _area_pairs(superpixels: torch.Tensor, grid_hw: tuple[int, int], num_segment
     return flat_cell, flat_segment, pixel_counts
 
 
+def _area_weights(superpixels: torch.Tensor, grid_hw: tuple[int, int], num_segments: int) -> torch.Tensor:
+    """Pixels each segment shares with each grid cell, dense [B, S, G]: static shapes, no ``unique``."""
+    batch, height, width = superpixels.shape
+    grid_h, grid_w = grid_hw
+    device = superpixels.device
+    rows = torch.arange(height, device=device) * grid_h // height
+    cols = torch.arange(width, device=device) * grid_w // width
+    cells = rows[:, None] * grid_w + cols[None, :]
+    num_cells = grid_h * grid_w
+    image = torch.arange(batch, device=device)[:, None, None]
+    keys = ((image * num_segments + superpixels) * num_cells + cells).reshape(-1)
+    ones = torch.ones(keys.shape[0], device=device)
+    weights = ones.new_zeros(batch * num_segments * num_cells).index_add_(0, keys, ones)
+    return weights.view(batch, num_segments, num_cells)
+
+
 def superpixel_tokens(
     features: torch.Tensor,
     pos_table: torch.Tensor,
@@ -50,6 +66,7 @@ def superpixel_tokens(
     superpixels: torch.Tensor,
     mode: str = "nearest",
     count_labels_on_grid: bool = False,
+    num_segments: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [B, S, C] (feature mean + position mean) and per-token support [B, S] (0 = padded).
 
@@ -57,7 +74,8 @@ def superpixel_tokens(
     bicubically when the grid differs); superpixels: int64 [B, H, W], labels 0..S-1 per image.
     Token i is superpixel label i. S = max label + 1 over the batch; with ``count_labels_on_grid`` (the
     original's behaviour in nearest mode) it is counted after snapping, so a label lost by snapping that
-    happens to be the largest gets no token at all.
+    happens to be the largest gets no token at all. A fixed ``num_segments`` (the token budget; labels must
+    be below it) makes every shape static: no host sync, one graph for ``torch.compile``.
     """
     if mode not in TOKEN_POOLING_MODES:
         raise ValueError(f"token pooling mode {mode!r} is not one of {TOKEN_POOLING_MODES}")
@@ -70,13 +88,20 @@ def superpixel_tokens(
                 features.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False
             )
             pixels = pixels.permute(0, 2, 3, 1) + resize_table(pos_table, pos_grid, size)
-            num_segments = int(superpixels.max()) + 1
+            if num_segments is None:
+                num_segments = int(superpixels.max()) + 1
             return segment_mean(pixels.reshape(batch, -1, channels), superpixels.flatten(1), num_segments)
         values = features + resize_table(pos_table, pos_grid, (grid_h, grid_w))
         if mode == "nearest":
             labels = snap_to_grid(superpixels, (grid_h, grid_w))
-            num_segments = int((labels if count_labels_on_grid else superpixels).max()) + 1
+            if num_segments is None:
+                num_segments = int((labels if count_labels_on_grid else superpixels).max()) + 1
             return segment_mean(values.reshape(batch, -1, channels), labels.flatten(1), num_segments)
+        if num_segments is not None:
+            weights = _area_weights(superpixels, (grid_h, grid_w), num_segments)
+            counts = weights.sum(-1)
+            sums = torch.bmm(weights, values.reshape(batch, -1, channels))
+            return sums / counts.masked_fill(counts == 0, 1.0).unsqueeze(-1), counts
         num_segments = int(superpixels.max()) + 1
         cells, segments, weights = _area_pairs(superpixels, (grid_h, grid_w), num_segments)
         tokens, counts = segment_mean(
