@@ -55,7 +55,7 @@ def _persist_into(storage):
 
 
 def test_save_restore_is_exact(tmp_path):
-    position = Position(step=37, epoch=2, batches_done=5, world_size=2)
+    position = Position(step=37, epoch=2, samples_seen=600, remaining=[[0, 4, 10], [3, 0, 10]], world_size=2)
     model, optimizer, state = _state(position)
     random.seed(1)
     np.random.seed(2)

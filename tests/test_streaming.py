@@ -114,19 +114,55 @@ def test_order_changes_per_epoch_and_repeats_for_same_seed(local_shards):
     assert other_seed != first
 
 
-def test_resume_mid_epoch_skips_exactly_the_consumed_batches(local_shards):
+def _take(loaders, batches: int) -> list[str]:
+    """``batches`` batches from each rank's loader (in lockstep, as DDP takes them), their keys."""
+    iterators = [iter(loader) for loader in loaders]
+    return [key for _ in range(batches) for it in iterators for key in next(it)["key"]]
+
+
+@pytest.mark.parametrize("resized", [1, 3])
+def test_resize_mid_epoch_trains_exactly_the_samples_not_yet_seen(local_shards, resized):
+    """2 ranks x 2 DataLoader workers take one optimizer step (3 micro-batches of 4 each, global batch
+    24), then the epoch goes on at another world size from the checkpointed segments: every sample of
+    the epoch once, none twice, none skipped; the 8 left over (80 = 3 x 24 + 8) are the remainder rule's."""
+    cfg = _config(local_shards, batch_size=4, recipe="supervised")
+    whole = sorted(_keys(_epoch(cfg, 1, 2, global_batch=24)[0]))
+    assert len(whole) == 72 and len(set(whole)) == 72
+    first = [build_loader(cfg, rank=r, world_size=2, epoch=2, global_batch=24) for r in range(2)]
+    assert [len(loader) for loader in first] == [9, 9]  # 72 / (2 x 4)
+    seen = _take(first, 3)
+    remaining = first[0].remaining()
+    assert remaining == first[1].remaining() and sum(e - s for _, s, e in remaining) == 72 - 24
+    rest = _epoch(cfg, resized, 2, remaining=remaining, global_batch=24)
+    assert {len(batches) for batches in rest} == {48 // (resized * 4)}  # equal batch counts per rank
+    keys = seen + [key for batches in rest for key in _keys(batches)]
+    assert sorted(keys) == whole  # the multiset of keys of the epoch, exactly
+    every = set(_all_keys(Path(local_shards).parent / "src"))
+    left_over = every - set(whole)
+    assert len(left_over) == 8 and left_over != every - set(
+        _keys(_epoch(cfg, 1, 3, global_batch=24)[0])
+    )  # a different remainder next epoch
+
+
+def test_a_position_that_is_not_whole_batches_is_refused(local_shards):
     cfg = _config(local_shards, batch_size=4)
-    full = _epoch(cfg, 2, 3)[1]
-    resumed = list(build_loader(cfg, rank=1, world_size=2, epoch=3, start_batch=3))
-    assert len(full) == 10 and len(resumed) == 7
-    assert [b["key"] for b in resumed] == [b["key"] for b in full[3:]]
+    with pytest.raises(ValueError, match="not whole batches of 4 on 3 ranks"):
+        build_loader(cfg, rank=0, world_size=3, epoch=0, remaining=[[0, 0, 10]])
+    with pytest.raises(ValueError, match="global batch 20 is not a whole number of batches of 4 on 2"):
+        build_loader(cfg, rank=0, world_size=2, epoch=0, global_batch=20)
 
 
 def test_too_few_shards_is_a_clear_error(tmp_path):
     make_imagefolder(tmp_path / "src", num_classes=3, per_class=4, size=32)
     build_shards(str(tmp_path / "src"), str(tmp_path / "s"), "imagefolder", max_count=4, progress=False)
     with pytest.raises(ValueError, match=r"3 shards cannot feed 4 readers"):
-        build_loader(_config(str(tmp_path / "s"), batch_size=1), rank=0, world_size=2, epoch=0)
+        build_loader(_config(str(tmp_path / "s"), batch_size=1, drop_remainder=False), rank=0,
+                     world_size=2, epoch=0)
+    with pytest.raises(ValueError, match=r"3 shards cannot feed 4 partitions \(data.partitions\)"):
+        build_loader(_config(str(tmp_path / "s"), partitions=4), rank=0, world_size=1, epoch=0)
+    # training splits partitions between readers: 3 shards feed 2 ranks x 2 workers
+    keys = sorted(_keys(sum(_epoch(_config(str(tmp_path / "s"), batch_size=1), 2, 0), [])))
+    assert keys == sorted(_all_keys(tmp_path / "src"))
     with pytest.raises(ValueError, match="data.recipe"):
         build_loader(_config(str(tmp_path / "s"), recipe="simclr"), rank=0, world_size=1, epoch=0)
 

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import cast.models  # noqa: F401
-from cast.config import load_config
+from cast.config import ConfigError, load_config
 from cast.train.config import MocoConfig, OptimConfig, ScheduleConfig, SupervisedConfig, TrainConfig
 from cast.train.objectives import (
     DeiTLoss,
     MoCo,
+    MoCoObjective,
     build_mlp,
     contrastive_loss,
     moco_momentum,
@@ -90,13 +91,14 @@ def test_moco_step_updates_base_and_momentum_encoders():
     key_before = [p.clone() for p in moco.momentum_encoder.parameters()]
     assert not any(p.requires_grad for p in moco.momentum_encoder.parameters())
     images, superpixels = _tiny_batch()
-    loss = moco(images, superpixels, m=0.9)
+    loss = moco(images, superpixels)
     loss.backward()
     assert loss.item() > 0 and math.isfinite(loss.item())
     assert moco.base_encoder.head[0].weight.grad is not None
     assert all(p.grad is None for p in moco.momentum_encoder.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(key_before, moco.momentum_encoder.parameters()))
     torch.optim.SGD([p for p in moco.parameters() if p.requires_grad], lr=1.0).step()
-    moco(images, superpixels, m=0.5)
+    moco.update_momentum_encoder(0.5)
     changed = [
         not torch.equal(a, b) for a, b in zip(key_before, moco.momentum_encoder.parameters(), strict=True)
     ]
@@ -170,3 +172,42 @@ def test_weight_decay_exclusions():
     assert len(param_groups(model, 0.1, exclude_bias_norm=False)) == 1  # MoCo: wd on all params
     sgd = build_optimizer(model, OptimConfig(name="sgd", weight_decay=0.0, momentum=0.9), lr=0.1)
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
+
+
+def test_world_size_gives_per_worker_batch_and_accumulation():
+    """The recipe fixes the global batch; each world size in the range gets the fewest accumulation
+    steps whose micro-batch fits data.batch_size, and a size that cannot give it is refused up front."""
+    cfg = load_config(TrainConfig, str(CONFIGS / "moco_cast_tiny.yaml"), [
+        "data.shards=/nowhere", "data.batch_size=8", "optim.global_batch=24", "ray.num_workers=[1, 4]",
+        "ray.max_failures=-1"])
+    assert [cfg.batch_split(w) for w in (1, 2, 3, 4)] == [(8, 3), (6, 2), (8, 1), (6, 1)]
+    cfg.validate()
+    cfg.ray.num_workers = [1, 5]
+    with pytest.raises(ConfigError, match=r"optim.global_batch: 24 .* over 5 workers"):
+        cfg.validate()
+    cfg.ray.num_workers, cfg.ray.max_failures = [1, 4], 0
+    with pytest.raises(ConfigError, match=r"ray.max_failures: expected != 0 with a \[min, max\]"):
+        cfg.validate()
+    cfg.ray.num_workers = [3, 2]
+    with pytest.raises(ConfigError, match="ray.num_workers: expected a positive number or"):
+        cfg.validate()
+    default = load_config(TrainConfig, str(CONFIGS / "moco_cast_tiny.yaml"), [
+        "data.batch_size=8", "ray.num_workers=[1, 2]"])
+    assert default.global_batch == 16 and default.batch_split(1) == (8, 2)  # from the largest size
+
+
+def test_moco_key_encoder_moves_once_per_step_not_per_micro_batch():
+    cfg = TrainConfig()
+    cfg.model.kwargs = {"img_size": 32}
+    cfg.moco = MocoConfig(dim=16, mlp_dim=32, momentum=0.9, momentum_cosine=False)
+    objective = MoCoObjective(cfg)
+    moco = objective.build()
+    images, superpixels = _tiny_batch()
+    keys = [p.clone() for p in moco.momentum_encoder.parameters()]
+    for _ in range(3):  # three micro-batches of one step: no EMA yet
+        objective.loss(moco, {"images": images, "superpixels": superpixels}, 0.0)[0].backward()
+    assert all(torch.equal(a, b) for a, b in zip(keys, moco.momentum_encoder.parameters()))
+    torch.optim.SGD([p for p in moco.parameters() if p.requires_grad], lr=1.0).step()
+    objective.after_step(moco, 0.1)
+    for key, base, now in zip(keys, moco.base_encoder.parameters(), moco.momentum_encoder.parameters()):
+        assert torch.allclose(now, 0.9 * key + 0.1 * base.detach())  # exactly one EMA update

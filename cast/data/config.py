@@ -28,6 +28,9 @@ class DataConfig:
     drop_remainder: bool = True
     # transient storage errors of shard fetches and manifest reads are retried this long (cast.storage)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # logical partitions of the shard list a training epoch is defined by (0 = one per shard); fixed for a
+    # run, so that its epochs do not depend on the number of workers (see cast.data.reader)
+    partitions: int = 0
 
     def validate(self) -> None:
         """Fail early, naming the field, before any worker or cluster resource starts."""
@@ -40,8 +43,10 @@ class DataConfig:
         for name in ("image_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0 or self.shuffle_buffer < 0 or self.prefetch_shards < 0:
-            raise ValueError("data.num_workers, data.shuffle_buffer and data.prefetch_shards must be >= 0")
+        if self.num_workers < 0 or self.shuffle_buffer < 0 or self.prefetch_shards < 0 or self.partitions < 0:
+            raise ValueError(
+                "data.num_workers, data.shuffle_buffer, data.prefetch_shards and data.partitions must be >= 0"
+            )
         self.retry.validate("data.retry")
 
     def provider(self):

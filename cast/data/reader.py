@@ -1,18 +1,28 @@
 """The per-rank streaming loader: shards -> shuffled samples -> views + superpixels -> batches.
 
-Splitting and the remainder rule (why: DDP deadlocks when ranks disagree on the batch count):
-- N samples over W ranks with B samples per batch: **every rank yields floor(N / (W*B)) batches**.
-- Each epoch the shard list is shuffled by (seed, epoch) and dealt to the W*P readers (P DataLoader
-  workers per rank, reader = rank*P + worker), each shard to the reader holding the fewest samples
-  so far, so readers get near-equal counts. Reader r of a rank yields its share of the rank's
-  batches (the rank's batches are dealt round-robin to its workers, as DataLoader interleaves them).
-- A reader whose shards hold more samples than its quota drops the rest (different ones each epoch,
-  since the shuffle changes); a reader whose shards run short (uneven shards, skipped corrupt
-  samples) wraps around to its own first samples. With equal shards and N divisible by W*B every
-  sample appears exactly once per epoch.
-- Fewer shards than W*P readers is an error (a reader with no shard would have nothing to give).
-- ``drop_remainder=False`` (evaluation) reads each reader's shards once instead: every sample exactly
-  once, the last batch of a reader may be short, and batch counts may differ between ranks.
+Training epochs (``drop_remainder=True``) are defined independently of the number of workers, so
+that a run resized mid-epoch (elastic Ray Train, a resume at another ``ray.num_workers``) finishes the
+epoch on exactly the samples it has not consumed yet (the idea of MosaicML Streaming's canonical nodes):
+- Each epoch the shard list is shuffled by (seed, epoch) and dealt to a fixed number of **logical
+  partitions** (``data.partitions``, default one per shard), each shard to the partition holding the
+  fewest samples. A partition's sample order is its own (shuffle buffer seeded by seed, epoch,
+  partition), whatever reads it.
+- **Remainder rule**: an epoch uses E = floor(N / G) * G of the N samples, G the global batch (images
+  per optimizer step); the N - E left over are the last ones in partition order (different samples
+  every epoch, since the shard deal changes). With N divisible by G every sample appears once.
+- What is left of an epoch is a list of **segments** ``[partition, start, end)`` (indices into the
+  partition's order); a checkpoint stores it (``Position.remaining``). A loader lays the segments end
+  to end and cuts them into one stretch per reader (``rank x DataLoader worker``) of exactly the
+  reader's share of the rank's batches (the rank's batches are dealt round-robin to its workers, as
+  DataLoader interleaves them), so every rank yields the same number of batches and, after ``n``
+  batches per rank, the consumed samples are known without asking the workers (``remaining``). A
+  reader starting inside a partition reads and drops the partition's first samples (raw bytes, no
+  decode).
+- A reader whose stretch yields fewer samples than its share (corrupt or incomplete samples skipped)
+  repeats its own first good samples; only then is an epoch not exact.
+- ``drop_remainder=False`` (evaluation) reads each reader's shards once instead (shards dealt to
+  readers directly; fewer shards than readers is an error there): every sample exactly once, the last
+  batch of a reader may be short, and batch counts may differ between ranks.
 
 Batches follow the contract (``images`` [B,V,3,H,W] float32, ``superpixels`` [B,V,H,W] int64 for
 CPU providers, ``label`` [B], ``mask`` [B,H,W] for segmentation, ``key``) plus ``stats``: the
@@ -39,14 +49,19 @@ from cast.data.transforms import Recipe, build_recipe
 log = logging.getLogger(__name__)
 
 
+Segment = tuple[int, int, int]  # (partition, start, end): samples [start, end) of a partition's order
+
+
 def assign_shards(
-    shards: list[Shard], num_readers: int, seed: int, epoch: int, shuffle: bool = True
+    shards: list[Shard], num_readers: int, seed: int, epoch: int, shuffle: bool = True,
+    what: str = "readers (world_size x num_workers)",
 ) -> list[list[Shard]]:
-    """Deal shards to readers: shuffled by (seed, epoch), each to the reader with the fewest samples."""
+    """Deal shards to readers (or partitions): shuffled by (seed, epoch), each to the one with the fewest
+    samples."""
     if len(shards) < num_readers:
         raise ValueError(
-            f"{len(shards)} shards cannot feed {num_readers} readers (world_size x num_workers); "
-            f"build at least {num_readers} shards (smaller --max-count) or use fewer workers"
+            f"{len(shards)} shards cannot feed {num_readers} {what}; "
+            f"build at least {num_readers} shards (smaller --max-count) or use fewer"
         )
     order = list(shards)
     if shuffle:
@@ -60,13 +75,83 @@ def assign_shards(
     return readers
 
 
-def batches_per_rank(num_samples: int, world_size: int, batch_size: int) -> int:
-    return num_samples // (world_size * batch_size)
-
-
 def worker_batches(total: int, num_workers: int, role: int) -> int:
     """Batches of worker ``role`` when ``total`` batches are dealt round-robin to ``num_workers``."""
     return total // num_workers + (1 if role < total % num_workers else 0)
+
+
+def epoch_samples(num_samples: int, global_batch: int) -> int:
+    """Samples an epoch trains on: whole global batches only (the remainder rule)."""
+    return num_samples // global_batch * global_batch
+
+
+def full_epoch(partitions: list[list[Shard]], global_batch: int) -> list[Segment]:
+    """The segments of a whole epoch: every partition from its start, the remainder cut from the end."""
+    keep = epoch_samples(sum(s.num_samples for part in partitions for s in part), global_batch)
+    segments = []
+    for index, part in enumerate(partitions):
+        take = min(keep, sum(s.num_samples for s in part))
+        keep -= take
+        if take:
+            segments.append((index, 0, take))
+    return segments
+
+
+def segment_samples(segments: list[Segment]) -> int:
+    return sum(end - start for _, start, end in segments)
+
+
+def reader_shares(batches: int, world_size: int, num_workers: int, batch_size: int) -> list[int]:
+    """Samples each reader (rank-major: reader = rank * num_workers + worker) yields in ``batches``
+    batches per rank."""
+    return [
+        worker_batches(batches, num_workers, worker) * batch_size
+        for _ in range(world_size)
+        for worker in range(num_workers)
+    ]
+
+
+def cut(segments: list[Segment], sizes: list[int]) -> list[list[Segment]]:
+    """Lay ``segments`` end to end and cut consecutive stretches of ``sizes`` samples (the rest dropped)."""
+    queue = list(segments)
+    stretches = []
+    for size in sizes:
+        stretch = []
+        while size > 0:
+            partition, start, end = queue.pop(0)
+            take = min(size, end - start)
+            stretch.append((partition, start, start + take))
+            size -= take
+            if start + take < end:
+                queue.insert(0, (partition, start + take, end))
+        stretches.append(stretch)
+    return stretches
+
+
+def merge(segments: list[Segment]) -> list[Segment]:
+    """Sorted, with touching segments of a partition joined."""
+    out: list[Segment] = []
+    for partition, start, end in sorted(segments):
+        if out and out[-1][0] == partition and out[-1][2] == start:
+            out[-1] = (partition, out[-1][1], end)
+        elif end > start:
+            out.append((partition, start, end))
+    return out
+
+
+def remaining_after(
+    segments: list[Segment], world_size: int, num_workers: int, batch_size: int, batches_done: int
+) -> list[Segment]:
+    """What is left of ``segments`` once every rank consumed ``batches_done`` batches of a loader that
+    started from them (the deal is deterministic, so this needs no word from the workers)."""
+    total = segment_samples(segments) // (world_size * batch_size)
+    stretches = cut(segments, reader_shares(total, world_size, num_workers, batch_size))
+    done = reader_shares(batches_done, world_size, num_workers, batch_size)
+    left: list[Segment] = []
+    for stretch, used in zip(stretches, done, strict=True):
+        (_, rest) = cut(stretch, [used, segment_samples(stretch) - used])
+        left += rest
+    return merge(left)
 
 
 class ShardStream(IterableDataset):
@@ -81,67 +166,107 @@ class ShardStream(IterableDataset):
         world_size: int,
         epoch: int,
         provider=None,
-        start_batch: int = 0,
+        remaining: list[Segment] | None = None,
+        global_batch: int = 0,
     ):
         self.cfg = cfg
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
         self.provider = provider
         self.labelled = bool(shard_set.classes)
         self.num_workers = max(1, cfg.num_workers)
-        self.readers = assign_shards(
-            shard_set.shards, world_size * self.num_workers, cfg.seed, epoch, cfg.shuffle
-        )
-        if cfg.drop_remainder:
-            self.total = batches_per_rank(shard_set.num_samples, world_size, cfg.batch_size)
-        else:
+        self.recipe: Recipe | None = None
+        if not cfg.drop_remainder:
+            self.readers = assign_shards(
+                shard_set.shards, world_size * self.num_workers, cfg.seed, epoch, cfg.shuffle
+            )
             own = self.readers[rank * self.num_workers : (rank + 1) * self.num_workers]
             self.total = sum(-(-sum(s.num_samples for s in shards) // cfg.batch_size) for shards in own)
-        if self.total == 0:
+            if self.total == 0:
+                raise ValueError(f"{shard_set.num_samples} samples: nothing to read on rank {rank}")
+            return
+        per_step = world_size * cfg.batch_size
+        global_batch = global_batch or per_step
+        if global_batch % per_step:
             raise ValueError(
-                f"{shard_set.num_samples} samples give no batch of {cfg.batch_size} on each of "
-                f"{world_size} ranks; lower data.batch_size"
+                f"global batch {global_batch} is not a whole number of batches of {cfg.batch_size} "
+                f"on {world_size} ranks"
             )
-        self.start_batch = min(start_batch, self.total)
-        self.recipe: Recipe | None = None
+        count = cfg.partitions or len(shard_set.shards)
+        self.partitions = assign_shards(shard_set.shards, count, cfg.seed, epoch, cfg.shuffle,
+                                        what="partitions (data.partitions)")
+        if remaining is None:
+            self.segments = full_epoch(self.partitions, global_batch)
+            if not self.segments:
+                raise ValueError(
+                    f"{shard_set.num_samples} samples give no global batch of {global_batch} "
+                    f"({cfg.batch_size} on each of {world_size} ranks); lower data.batch_size"
+                )
+        else:
+            self.segments = merge([tuple(int(v) for v in segment) for segment in remaining])
+        left = segment_samples(self.segments)
+        if left % per_step:
+            raise ValueError(
+                f"{left} samples left of epoch {epoch} are not whole batches of {cfg.batch_size} on "
+                f"{world_size} ranks (the checkpoint was not taken at an optimizer step of this global batch)"
+            )
+        self.total = left // per_step
+        shares = reader_shares(self.total, world_size, self.num_workers, cfg.batch_size)
+        self.stretches = cut(self.segments, shares)
 
     def __len__(self) -> int:
-        return self.total - self.start_batch
-
-    def _role(self) -> int:
-        """Worker ids are rotated by ``start_batch`` so that DataLoader's worker 0 holds the next batch."""
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        return (worker + self.start_batch) % self.num_workers
+        return self.total
 
     def __iter__(self) -> Iterator[dict]:
-        role = self._role()
-        reader = self.rank * self.num_workers + role
-        shards = self.readers[reader]
-        own = worker_batches(self.total, self.num_workers, role)
-        skipped = len(
-            range(role, self.start_batch, self.num_workers)
-        )  # this role's batches before start_batch
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        reader = self.rank * self.num_workers + worker
         if self.recipe is None:
             self.recipe = build_recipe(self.cfg.recipe, self.cfg.image_size)
-        rng = random.Random(f"samples|{self.cfg.seed}|{self.epoch}|{reader}")
-        torch.manual_seed(rng.getrandbits(62))
-        random.seed(rng.getrandbits(62))
-        np.random.seed(rng.getrandbits(32))
         counters = Counters()
         self._reported: set[str] = set()
-        samples = self._raw_samples(shards, rng, counters, once=not self.cfg.drop_remainder)
         if not self.cfg.drop_remainder:
-            yield from self._single_pass(samples, counters)
+            rng = random.Random(f"samples|{self.cfg.seed}|{self.epoch}|{reader}")
+            _seed_augmentation(rng)
+            yield from self._single_pass(self._raw_samples(self.readers[reader], rng, counters), counters)
             return
-        for _ in range(skipped * self.cfg.batch_size):  # resume: skip raw bytes, no decode
-            next(samples)
-        for _ in range(own - skipped):
+        stretch = self.stretches[reader]
+        if not stretch:
+            return
+        # augmentations differ per reader and per resume point; the sample order does not depend on them
+        _seed_augmentation(random.Random(f"augment|{self.cfg.seed}|{self.epoch}|{reader}|{stretch[0]}"))
+        samples = self._stretch_samples(stretch, counters)
+        for _ in range(worker_batches(self.total, self.num_workers, worker)):
             batch = []
             while len(batch) < self.cfg.batch_size:
                 decoded = self._decode(next(samples), counters)
                 if decoded is not None:
                     batch.append(decoded)
             yield self._finish_batch(batch, counters)
+
+    def _stretch_samples(self, stretch: list[Segment], counters: Counters) -> Iterator[dict]:
+        """The raw samples of this reader's segments, in partition order; endless (a reader left short by
+        skipped samples repeats its own)."""
+        passes = 0
+        while True:
+            produced = 0
+            tally = counters if passes == 0 else Counters()  # damage is counted on the first pass only
+            for partition, start, end in stretch:
+                rng = random.Random(f"samples|{self.cfg.seed}|{self.epoch}|partition{partition}")
+                stream = self._raw_samples(self.partitions[partition], rng, tally, report=passes == 0)
+                for index, sample in enumerate(stream):
+                    if index >= end:
+                        break
+                    if index >= start:  # before it: read and dropped raw, no decode
+                        produced += 1
+                        yield sample
+            if produced == 0:
+                raise RuntimeError(
+                    f"rank {self.rank}: no usable sample in partitions "
+                    f"{sorted({p for p, _, _ in stretch})} (skips so far: {dict(counters)})"
+                )
+            passes += 1
+            if passes == 1:
+                log.info("rank %d: reader ran short of samples, repeating its own", self.rank)
 
     def _finish_batch(self, batch: list[dict], counters: Counters) -> dict:
         """Collate, attaching the skip counters gathered since the previous batch."""
@@ -165,45 +290,27 @@ class ShardStream(IterableDataset):
             yield self._finish_batch(batch, counters)
 
     def _raw_samples(
-        self, shards: list[Shard], rng: random.Random, counters: Counters, once: bool = False
+        self, shards: list[Shard], rng: random.Random, counters: Counters, report: bool = True
     ) -> Iterator[dict]:
-        """Stream over this reader's shards (remote ones fetched ahead) through a shuffle buffer,
-        endless unless ``once``."""
+        """One pass over ``shards`` (remote ones fetched ahead) through a shuffle buffer (``rng``)."""
         buffer_size = self.cfg.shuffle_buffer if self.cfg.shuffle else 0
-        round_index = 0
-        while True:
-            produced = 0
-            buffer: list[dict] = []
-            first = round_index == 0  # damage is counted and logged on the first pass only
-            tally = counters if first else Counters()
-            urls = [shard.url for shard in shards]
-            samples = iter_shards(
-                urls, tally, report=first, prefetch=self.cfg.prefetch_shards, policy=self.cfg.retry
-            )
-            for sample in samples:
-                if not self._complete(sample, tally, report=first):
-                    continue
-                produced += 1
-                if buffer_size > 1:
-                    buffer.append(sample)
-                    if len(buffer) >= buffer_size:
-                        index = rng.randrange(len(buffer))
-                        buffer[index], buffer[-1] = buffer[-1], buffer[index]
-                        yield buffer.pop()
-                else:
-                    yield sample
-            rng.shuffle(buffer)
-            yield from buffer
-            if once:
-                return
-            if produced == 0:
-                raise RuntimeError(
-                    f"rank {self.rank} reader {self.rank * self.num_workers + self._role()}: no usable "
-                    f"sample in {[s.url for s in shards]} (skips so far: {dict(counters)})"
-                )
-            round_index += 1
-            if round_index == 1:
-                log.info("rank %d: reader ran short of samples, wrapping around its shards", self.rank)
+        buffer: list[dict] = []
+        urls = [shard.url for shard in shards]
+        for sample in iter_shards(
+            urls, counters, report=report, prefetch=self.cfg.prefetch_shards, policy=self.cfg.retry
+        ):
+            if not self._complete(sample, counters, report=report):
+                continue
+            if buffer_size > 1:
+                buffer.append(sample)
+                if len(buffer) >= buffer_size:
+                    index = rng.randrange(len(buffer))
+                    buffer[index], buffer[-1] = buffer[-1], buffer[index]
+                    yield buffer.pop()
+            else:
+                yield sample
+        rng.shuffle(buffer)
+        yield from buffer
 
     def _complete(self, sample: dict, counters: Counters, report: bool = True) -> bool:
         missing = []
@@ -264,12 +371,20 @@ class ShardStream(IterableDataset):
         return out
 
 
+def _seed_augmentation(rng: random.Random) -> None:
+    torch.manual_seed(rng.getrandbits(62))
+    random.seed(rng.getrandbits(62))
+    np.random.seed(rng.getrandbits(32))
+
+
 class ShardLoader:
-    """A DataLoader over one rank's ``ShardStream`` with a known length and accumulated skip counters."""
+    """A DataLoader over one rank's ``ShardStream`` with a known length and accumulated skip counters;
+    for training, ``remaining()`` is what is left of the epoch after the batches consumed so far."""
 
     def __init__(self, stream: ShardStream, cfg: DataConfig):
         self.stream = stream
         self.counters = Counters()
+        self.consumed = 0  # batches this rank took from the loader
         kwargs = {"num_workers": cfg.num_workers, "batch_size": None, "pin_memory": False}
         if cfg.num_workers > 0:
             kwargs.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
@@ -283,13 +398,29 @@ class ShardLoader:
             self.counters.update(batch["stats"])
             for message in batch["skipped"]:
                 log.warning(message)
+            self.consumed += 1
             yield batch
+
+    def remaining(self) -> list[Segment]:
+        """The epoch's segments not consumed yet, every rank having taken as many batches as this one."""
+        stream = self.stream
+        return remaining_after(stream.segments, stream.world_size, stream.num_workers,
+                               stream.cfg.batch_size, self.consumed)
 
 
 def build_loader(
-    cfg: DataConfig, *, rank: int, world_size: int, epoch: int, provider=None, start_batch: int = 0
+    cfg: DataConfig,
+    *,
+    rank: int,
+    world_size: int,
+    epoch: int,
+    provider=None,
+    remaining: list[Segment] | None = None,
+    global_batch: int = 0,
 ) -> ShardLoader:
-    """The loader for ``rank`` of ``world_size`` in ``epoch``; ``start_batch`` resumes mid-epoch."""
+    """The loader for ``rank`` of ``world_size`` in ``epoch``. Training: ``remaining`` (from a
+    checkpoint's position) resumes mid-epoch at any world size; ``global_batch`` (images per optimizer
+    step, default world_size x batch_size) fixes the epoch's length."""
     cfg.validate()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -302,6 +433,7 @@ def build_loader(
         world_size=world_size,
         epoch=epoch,
         provider=provider,
-        start_batch=start_batch,
+        remaining=remaining,
+        global_batch=global_batch,
     )
     return ShardLoader(stream, cfg)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -28,12 +28,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Position:
-    """Where training stands: optimizer steps taken, epoch, and batches of that epoch consumed per rank."""
+    """Where training stands, in units that do not depend on the world size: optimizer steps (of the
+    recipe's fixed global batch), samples seen, and the segments of ``epoch`` not consumed yet."""
 
     step: int = 0
     epoch: int = 0
-    batches_done: int = 0  # batches of ``epoch`` this rank already trained on
-    world_size: int = 1
+    samples_seen: int = 0  # over all workers, since the start of the run
+    # [partition, start, end) triples left of ``epoch`` (cast.data.reader); None = the epoch has not begun
+    remaining: list | None = None
+    world_size: int = 1  # of the group that wrote it (for the record: a restore may have another)
+
+    @classmethod
+    def from_state(cls, saved: dict) -> Position:
+        if saved.get("batches_done", 0):
+            raise ValueError(
+                "checkpoint position: written before world-size independent positions (batches_done "
+                f"{saved['batches_done']} mid-epoch); resume from an epoch-end checkpoint"
+            )
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in saved.items() if key in known})
 
 
 def seed_everything(seed: int) -> None:
@@ -121,13 +134,9 @@ class TrainState:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.objective.load_state_dict(state)
-        saved = Position(**state["position"])
-        batches = saved.batches_done
-        if saved.world_size != self.world_size:  # same samples consumed, counted in this world's batches
-            batches = batches * saved.world_size // self.world_size
-        self.position = Position(
-            step=saved.step, epoch=saved.epoch, batches_done=batches, world_size=self.world_size
-        )
+        saved = Position.from_state(state["position"])
+        self.position = Position(step=saved.step, epoch=saved.epoch, samples_seen=saved.samples_seen,
+                                 remaining=saved.remaining, world_size=self.world_size)
         if len(state["rng"]) == self.world_size:
             set_rng_state(state["rng"][self.rank])
         else:

@@ -33,7 +33,10 @@ class OptimConfig:
     exclude_bias_norm_from_wd: bool = False  # DeiT/timm: no wd on 1-D params and model.no_weight_decay()
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9  # SGD only
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    # images per optimizer step over all workers, fixed by the recipe whatever the world size
+    # (0 = data.batch_size x ray.num_workers (the largest) x grad_accum_steps)
+    global_batch: int = 0
+    grad_accum_steps: int = 1  # micro-batches per step at the largest world size (see batch_split)
     clip_grad_norm: float = 0.0  # 0 = off
 
 
@@ -83,12 +86,15 @@ class CheckpointConfig:
 
 @dataclass
 class RayConfig:
-    num_workers: int = 1
+    # a number, or [min, max]: elastic (Ray asks for max, starts with min, resizes after failures and when
+    # nodes return; every restart continues from the last checkpoint at the new size)
+    num_workers: int | list[int] = 1
+    resize_interval_s: float = 60.0  # elastic: how often Ray looks for nodes to grow the group back
     use_gpu: bool = False
     resources_per_worker: dict = field(default_factory=dict)  # e.g. {"CPU": 8, "GPU": 1}
     storage_path: str = "outputs/runs"  # local folder or s3://bucket/prefix
     name: str = ""  # run name; the same name resumes that run
-    max_failures: int = 0  # worker-group restarts (from the last checkpoint)
+    max_failures: int = 0  # worker-group restarts (from the last checkpoint); elastic needs != 0
     backend: str = ""  # "" = nccl with GPUs, gloo without
 
 
@@ -96,6 +102,9 @@ class RayConfig:
 class LoggingConfig:
     every_steps: int = 10  # metrics through ray.train.report every N optimizer steps
     tensorboard: bool = True  # event files under <run>/tensorboard on rank 0
+    # a local folder: every rank appends one JSON line per optimizer step (step, samples seen, lr, the
+    # keys it trained on) to <folder>/rank<r>.jsonl, the evidence that epochs stay exact ("" = off)
+    sample_log: str = ""
 
 
 @dataclass
@@ -114,9 +123,34 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; equal for a fixed ``ray.num_workers``."""
+        value = self.ray.num_workers
+        if isinstance(value, int):
+            return value, value
+        if len(value) != 2:
+            raise ConfigError(f"ray.num_workers: expected a number or [min, max], got {value!r}")
+        return value[0], value[1]
+
+    @property
     def global_batch(self) -> int:
-        """Images per optimizer step over all workers (what the lr scales with)."""
-        return self.data.batch_size * self.ray.num_workers * self.optim.grad_accum_steps
+        """Images per optimizer step over all workers (what the lr scales with, whatever the world size)."""
+        return self.optim.global_batch or (
+            self.data.batch_size * self.worker_range[1] * self.optim.grad_accum_steps
+        )
+
+    def batch_split(self, world_size: int) -> tuple[int, int]:
+        """(per-worker micro-batch, accumulation steps) giving the global batch on ``world_size`` workers:
+        the fewest accumulation steps whose micro-batch fits ``data.batch_size`` (the memory bound)."""
+        total = self.global_batch
+        for accum in range(1, total // world_size + 1):
+            if total % (world_size * accum) == 0 and total // (world_size * accum) <= self.data.batch_size:
+                return total // (world_size * accum), accum
+        raise ConfigError(
+            f"optim.global_batch: {total} images per step cannot be split evenly over {world_size} "
+            f"workers (ray.num_workers={self.ray.num_workers}); pick a global batch divisible by every "
+            f"world size in the range"
+        )
 
     def validate(self) -> None:
         """Every check that can fail before a cluster resource is claimed; raises ConfigError."""
@@ -133,11 +167,21 @@ class TrainConfig:
             ("optim.base_batch", self.optim.base_batch),
             ("optim.grad_accum_steps", self.optim.grad_accum_steps),
             ("schedule.epochs", self.schedule.epochs),
-            ("ray.num_workers", self.ray.num_workers),
             ("logging.every_steps", self.logging.every_steps),
             ("checkpoint.keep", self.checkpoint.keep),
         ):
             _check(value > 0, key, "a positive number", value)
+        low, high = self.worker_range
+        _check(1 <= low <= high, "ray.num_workers", "a positive number or [min, max] with 1 <= min <= max",
+               self.ray.num_workers)
+        _check(self.optim.global_batch >= 0, "optim.global_batch", ">= 0", self.optim.global_batch)
+        for world_size in range(low, high + 1):
+            self.batch_split(world_size)
+        if low < high:
+            _check(self.ray.max_failures != 0, "ray.max_failures",
+                   "!= 0 with a [min, max] ray.num_workers (a resize is a restart; -1 = unlimited)",
+                   self.ray.max_failures)
+            _check(self.ray.resize_interval_s > 0, "ray.resize_interval_s", "> 0", self.ray.resize_interval_s)
         _check(
             0 <= self.schedule.warmup_epochs <= self.schedule.epochs,
             "schedule.warmup_epochs",

@@ -56,11 +56,16 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
 
     backend = cfg.ray.backend or ("nccl" if cfg.ray.use_gpu else "gloo")
     resources = dict(cfg.ray.resources_per_worker) or None
+    low, high = cfg.worker_range
+    elastic = {"elastic_resize_monitor_interval_s": cfg.ray.resize_interval_s} if low < high else {}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg},
         scaling_config=ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
+            num_workers=(low, high) if low < high else high,
+            use_gpu=cfg.ray.use_gpu,
+            resources_per_worker=resources,
+            **elastic,
         ),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(

@@ -9,13 +9,17 @@ restores; ``metrics`` sums and reports; ``validation`` scores at epoch ends.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import os
 import time
 
 from torch import nn
 
 from cast.config import dump_config
-from cast.data import build_loader
+from cast.data import build_loader, list_shards
 from cast.data.batches import to_device
+from cast.data.reader import epoch_samples
 from cast.precision import autocast
 from cast.train.checkpoint import TrainState, checkpoint_name, retrying_upload, seed_everything
 from cast.train.config import TrainConfig
@@ -51,69 +55,80 @@ class Trainer:
         self.module = module.to(self.device)
         self.model = ray.train.torch.prepare_model(self.module, move_to_device=False)
         self.objective.setup(self.module)
-        self.peak_lr = scaled_lr(cfg.optim, cfg.global_batch)
+        self.global_batch = cfg.global_batch
+        self.micro_batch, self.accum = cfg.batch_split(world_size)
+        self.data = dataclasses.replace(cfg.data, batch_size=self.micro_batch)
+        self.peak_lr = scaled_lr(cfg.optim, self.global_batch)
         optimizer = build_optimizer(self.module, cfg.optim, self.peak_lr)
         self.state = TrainState(self.module, optimizer, self.objective, rank=rank, world_size=world_size,
                                 seed=cfg.seed, config_yaml=dump_config(cfg))
         if self.state.restore(ray.train.get_checkpoint(), cfg.checkpoint.resume_from) and rank == 0:
             p = self.state.position
-            print(f"[cast-train] resumed at step {p.step} (epoch {p.epoch}, batch {p.batches_done})",
-                  flush=True)
+            print(f"[cast-train] resumed at step {p.step} (epoch {p.epoch}, {p.samples_seen} samples seen) "
+                  f"on {world_size} workers: {self.micro_batch} x {self.accum} per step each", flush=True)
         self.provider = cfg.data.provider()
         if self.provider is None:
             raise ValueError("data.superpixels: CAST needs a superpixel provider")
-        probe = build_loader(cfg.data, rank=rank, world_size=world_size, epoch=0, provider=self.provider)
-        self.steps_per_epoch = len(probe) // cfg.optim.grad_accum_steps
-        if self.steps_per_epoch == 0:
+        # schedules run in samples seen: the same curve at any world size, continuous across a resize
+        num_samples = list_shards(cfg.data.shards).num_samples
+        self.epoch_samples = epoch_samples(num_samples, self.global_batch)
+        if self.epoch_samples == 0:
             raise ValueError(
-                f"data.batch_size x optim.grad_accum_steps: {len(probe)} batches per epoch give "
-                f"no optimizer step with {cfg.optim.grad_accum_steps} accumulation steps"
+                f"data.shards: {num_samples} samples give no optimizer step of optim.global_batch "
+                f"{self.global_batch}"
             )
-        self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
-        self.warmup_steps = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
+        self.total_samples = self.epoch_samples * cfg.schedule.epochs
+        self.warmup_samples = round(cfg.schedule.warmup_epochs * self.epoch_samples)
+        self.sample_log = None
+        if cfg.logging.sample_log:
+            os.makedirs(cfg.logging.sample_log, exist_ok=True)
+            self.sample_log = open(os.path.join(cfg.logging.sample_log, f"rank{rank}.jsonl"), "a")  # noqa: SIM115
+        self.started = time.time()
         self.reporter = Reporter(cfg.run_folder(), rank=rank, device=self.device,
                                  tensorboard=cfg.logging.tensorboard, retry=cfg.checkpoint.retry)
         self.validation = build_validation(cfg, self.objective, rank=rank, world_size=world_size,
                                            device=self.device, provider=self.provider)
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.steps_per_epoch * self.cfg.optim.grad_accum_steps
-
     def epoch_progress(self) -> float:
-        position = self.state.position
-        return position.epoch + position.batches_done / self.batches_per_epoch
+        return self.state.position.samples_seen / self.epoch_samples
 
     def run(self) -> None:
         cfg, position = self.cfg, self.state.position
         while position.epoch < cfg.schedule.epochs:
-            loader = build_loader(cfg.data, rank=self.rank, world_size=self.world_size, epoch=position.epoch,
-                                  provider=self.provider, start_batch=position.batches_done)
+            loader = build_loader(self.data, rank=self.rank, world_size=self.world_size, epoch=position.epoch,
+                                  provider=self.provider, remaining=position.remaining,
+                                  global_batch=self.global_batch)
             window = MetricsWindow()
             batches = iter(loader)
             self.objective.train_mode(self.model)
-            while position.batches_done < self.batches_per_epoch:
+            steps = len(loader) // self.accum
+            for done in range(1, steps + 1):
                 self._optimizer_step(batches, window)
-                if position.batches_done >= self.batches_per_epoch:
+                if done == steps:
                     break  # the epoch-end report below carries this window and a checkpoint
                 checkpoint_due = _due(position.step, cfg.checkpoint.every_steps)
                 if checkpoint_due or _due(position.step, cfg.logging.every_steps):
+                    position.remaining = loader.remaining()
                     self._report(window, loader, with_checkpoint=checkpoint_due)
                     window = MetricsWindow()
             extra = self.validation.evaluate(self.module) if self.validation is not None else {}
             if self.validation is not None and position.epoch + 1 == cfg.schedule.epochs:
                 self.validation.finish(extra)  # before the last report: a restart redoes both
-            position.epoch, position.batches_done = position.epoch + 1, 0
+            position.epoch, position.remaining = position.epoch + 1, None
             self._report(window, loader, with_checkpoint=True, extra=extra)
         self.reporter.close()
+        if self.sample_log is not None:
+            self.sample_log.close()
 
     def _optimizer_step(self, batches, window: MetricsWindow) -> None:
         cfg, position = self.cfg, self.state.position
-        accum = cfg.optim.grad_accum_steps
-        lr = lr_at(position.step, self.total_steps, self.warmup_steps, self.peak_lr, cfg.schedule)
+        accum = self.accum
+        lr = lr_at(position.samples_seen, self.total_samples, self.warmup_samples, self.peak_lr, cfg.schedule)
         optimizer = self.state.optimizer
         set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
+        progress = self.epoch_progress()
+        keys = []
         for micro in range(accum):
             start = time.perf_counter()
             batch = next(batches)
@@ -123,14 +138,21 @@ class Trainer:
             with sync:
                 on_device = to_device(batch, self.device, self.provider)
                 with autocast(self.device):
-                    loss, correct = self.objective.loss(self.model, on_device, self.epoch_progress())
+                    loss, correct = self.objective.loss(self.model, on_device, progress)
                 (loss / accum).backward()
             window.add(loss.detach(), batch["images"].shape[0], correct)
-            position.batches_done += 1
+            keys += batch["key"]
         if cfg.optim.clip_grad_norm > 0:
             nn.utils.clip_grad_norm_(self.module.parameters(), cfg.optim.clip_grad_norm)
         optimizer.step()
-        self.objective.after_step(self.module)
+        position.samples_seen += self.global_batch
+        self.objective.after_step(self.module, self.epoch_progress())
+        if self.sample_log is not None:
+            record = {"step": position.step, "epoch": position.epoch, "lr": lr, "keys": keys,
+                      "samples_seen": position.samples_seen - self.global_batch,
+                      "world_size": self.world_size, "started": self.started}
+            self.sample_log.write(json.dumps(record) + "\n")
+            self.sample_log.flush()
         position.step += 1
         window.lr = lr
 

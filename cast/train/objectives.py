@@ -81,14 +81,15 @@ class MoCo(nn.Module):
         for base, key in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters(), strict=True):
             key.mul_(m).add_(base.detach(), alpha=1.0 - m)
 
-    def forward(self, images: torch.Tensor, superpixels: torch.Tensor, m: float) -> torch.Tensor:
-        """``images`` [B,2,3,H,W], ``superpixels`` [B,2,H,W] -> symmetric contrastive loss."""
+    def forward(self, images: torch.Tensor, superpixels: torch.Tensor) -> torch.Tensor:
+        """``images`` [B,2,3,H,W], ``superpixels`` [B,2,H,W] -> symmetric contrastive loss. The momentum
+        encoder is not updated here but once per optimizer step (``update_momentum_encoder``), so gradient
+        accumulation does not apply the EMA once per micro-batch."""
         x1, x2 = images[:, 0], images[:, 1]
         s1, s2 = superpixels[:, 0], superpixels[:, 1]
         q1 = self.predictor(self.base_encoder(x1, s1))
         q2 = self.predictor(self.base_encoder(x2, s2))
         with torch.no_grad():
-            self.update_momentum_encoder(m)
             k1 = self.momentum_encoder(x1, s1)
             k2 = self.momentum_encoder(x2, s2)
         return contrastive_loss(q1, k2, self.temperature) + contrastive_loss(q2, k1, self.temperature)
@@ -164,8 +165,8 @@ class Objective:
     def loss(self, model: nn.Module, batch: dict, progress: float) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
 
-    def after_step(self, module: nn.Module) -> None:
-        """Called after each optimizer step."""
+    def after_step(self, module: nn.Module, progress: float) -> None:
+        """Called after each optimizer step; ``progress``: the fractional epoch reached by it."""
 
     def state_dict(self) -> dict:
         """Recipe state saved in checkpoints beside the model and optimizer."""
@@ -176,15 +177,23 @@ class Objective:
 
 
 class MoCoObjective(Objective):
-    """MoCo-v3: symmetric contrastive loss of two views; the key encoder's momentum follows training."""
+    """MoCo-v3: symmetric contrastive loss of two views; the key encoder's momentum follows training.
+
+    The EMA of the key encoder runs once per optimizer step, after it, with the momentum at the training
+    progress the step reached (the reference updates it before the next step's keys: the same weights).
+    With gradient accumulation each micro-batch contrasts against the keys of that micro-batch on all
+    workers (global batch / accumulation negatives, the memory-bound choice), while the lr follows the
+    global batch; ``data.batch_size >= optim.global_batch / min workers`` keeps accumulation at 1."""
 
     def build(self) -> nn.Module:
         encoder = timm.create_model(self.cfg.model.name, num_classes=0, **self.cfg.model.kwargs)
         return MoCo(encoder, self.cfg.moco)
 
     def loss(self, model, batch, progress):
-        m = moco_momentum(progress, self.cfg.schedule.epochs, self.cfg.moco)
-        return model(batch["images"], batch["superpixels"], m), -1
+        return model(batch["images"], batch["superpixels"]), -1
+
+    def after_step(self, module, progress):
+        module.update_momentum_encoder(moco_momentum(progress, self.cfg.schedule.epochs, self.cfg.moco))
 
 
 class SupervisedObjective(Objective):
@@ -209,7 +218,7 @@ class SupervisedObjective(Objective):
         loss, logits = self.criterion(model, batch["images"][:, 0], batch["superpixels"][:, 0], labels)
         return loss, top1_correct(logits.detach(), labels)
 
-    def after_step(self, module):
+    def after_step(self, module, progress):
         if self.ema is not None:
             self.ema.update(module)
 
