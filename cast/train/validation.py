@@ -7,13 +7,13 @@ one recipe that has it today.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import dataclasses
 
 import torch
 from torch import nn
 
 from cast.artifacts import report_url, write_report
-from cast.data import DataConfig, build_loader
+from cast.data import build_loader
 from cast.data.batches import to_device
 from cast.train.config import TrainConfig
 from cast.train.distributed import all_reduce_sum
@@ -37,8 +37,8 @@ class LinearProbeValidation(Validation):
                  device: torch.device, provider):
         self.cfg, self.pretrained = cfg, pretrained
         self.rank, self.world_size, self.device, self.provider = rank, world_size, device, provider
-        self.data = DataConfig(**{**asdict(cfg.data), "shards": cfg.linear.val_shards,
-                                  "recipe": "linear_eval", "shuffle": False, "drop_remainder": False})
+        self.data = dataclasses.replace(cfg.data, shards=cfg.linear.val_shards, recipe="linear_eval",
+                                        shuffle=False, drop_remainder=False)
 
     @torch.no_grad()
     def evaluate(self, module):
