@@ -83,11 +83,27 @@ def test_parse_job_args():
     "name", sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("sweep"))
 )
 def test_shipped_job_configs_validate(name):
-    overrides = ["data.shards=/data/shards", "linear.pretrained=/runs/moco"]
+    overrides = ["data.shards=/data/shards", "linear.pretrained=/runs/moco",
+                 "segmentation.val_shards=/data/val"]
     cfg = load_config(TrainConfig, str(CONFIGS / name), overrides)
     cfg.validate()
-    expected = {"moco": "moco", "deit": "supervised", "supervised": "supervised", "linear": "linear"}
+    expected = {"moco": "moco", "deit": "supervised", "supervised": "supervised", "linear": "linear",
+                "seg": "segmentation"}
     assert cfg.objective == expected[name.split("_")[0]]
+
+
+def test_segmentation_recipes_and_best_checkpoint_need_validation():
+    seg = {name: load_config(TrainConfig, str(CONFIGS / f"seg_cast_small_{name}.yaml"))
+           for name in ("ade20k", "pcontext", "voc")}
+    assert [(c.segmentation.num_classes, c.optim.base_lr, c.global_batch, c.segmentation.window,
+             c.segmentation.stride) for c in seg.values()] == [
+        (150, 1e-3, 8, 512, 512), (60, 1e-3, 16, 480, 320), (21, 3e-3, 16, 0, 0)]
+    voc = seg["voc"].segmentation
+    assert (voc.decoder, voc.bias_lr_mult, voc.head_lr_mult, voc.head_bias_lr_mult, voc.bias_decay) == (
+        "softmax", 2.0, 10.0, 20.0, False)
+    assert seg["voc"].schedule.warmup_steps == 100 and seg["ade20k"].schedule.kind == "poly"
+    with pytest.raises(ConfigError, match="segmentation.val_shards"):
+        load_config(TrainConfig, str(CONFIGS / "seg_cast_tiny.yaml"), ["data.shards=/d"]).validate()
 
 
 def test_paper_recipes_exact():

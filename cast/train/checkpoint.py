@@ -100,8 +100,8 @@ class TrainState:
     """The state a worker checkpoints and restores; ``position`` is where the run stands."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, objective, *,
-                 rank: int, world_size: int, seed: int, config_yaml: str):
-        self.module, self.optimizer, self.objective = module, optimizer, objective
+                 rank: int, world_size: int, seed: int, config_yaml: str, best=None):
+        self.module, self.optimizer, self.objective, self.best = module, optimizer, objective, best
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.config_yaml = config_yaml
         self.position = Position(world_size=world_size)
@@ -118,6 +118,7 @@ class TrainState:
             "position": asdict(self.position),
             "rng": rngs,
             **self.objective.state_dict(),
+            **({"best": self.best.state_dict()} if self.best is not None else {}),
         }
         return new_checkpoint_folder(state, self.config_yaml)
 
@@ -134,6 +135,8 @@ class TrainState:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.objective.load_state_dict(state)
+        if self.best is not None:
+            self.best.load_state_dict(state.get("best", {}))
         saved = Position.from_state(state["position"])
         self.position = Position(step=saved.step, epoch=saved.epoch, samples_seen=saved.samples_seen,
                                  remaining=saved.remaining, world_size=self.world_size)

@@ -12,8 +12,9 @@ from cast.config import ConfigError
 from cast.data.config import DataConfig
 from cast.storage import RetryPolicy, absolute, join
 
-OBJECTIVES = ("moco", "supervised", "linear")
+OBJECTIVES = ("moco", "supervised", "linear", "segmentation")
 OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "poly")
 
 
 @dataclass
@@ -44,8 +45,11 @@ class OptimConfig:
 class ScheduleConfig:
     epochs: int = 100
     warmup_epochs: float = 10.0  # linear warmup, per iteration
+    warmup_steps: int = 0  # > 0: warmup length in optimizer steps instead (SPML: 100 iterations)
     warmup_start_lr: float = 0.0  # DeiT: 1e-6
-    min_lr: float = 0.0  # half-cosine floor (DeiT: 1e-5)
+    min_lr: float = 0.0  # floor of the decay (DeiT: 1e-5)
+    kind: str = "cosine"  # cosine (half-cosine) | poly ((1 - progress) ** poly_power, mmseg/SPML)
+    poly_power: float = 0.9
 
 
 @dataclass
@@ -76,8 +80,33 @@ class LinearConfig:
 
 
 @dataclass
+class SegmentationConfig:
+    """Dense fine-tuning (Segmenter on ADE20K / Pascal Context, SPML on VOC): reference sections 5.4, 5.6."""
+
+    num_classes: int = 150
+    decoder: str = "mask_transformer"  # mask_transformer (Segmenter) | softmax (SPML)
+    decoder_options: dict = field(default_factory=dict)  # e.g. {depth: 2, dropout: 0.1}
+    pretrained: str = ""  # backbone checkpoint: our run (folder) or a released DeiT / MoCo / SPML file
+    ignore_index: int = 255
+    # per-parameter-group lr multipliers and decay (SPML: backbone x1, biases x2 without decay, head
+    # weights x10, head biases x20 without decay); Segmenter: all 1, decay as optim.weight_decay
+    bias_lr_mult: float = 1.0
+    head_lr_mult: float = 1.0
+    head_bias_lr_mult: float = 1.0
+    bias_decay: bool = True
+    val_shards: str = ""  # dense shards scored at every epoch end ("" = no validation)
+    eval_resize: str = "short"  # short: short side -> eval_size (mmseg); long: long side -> eval_size (VOC)
+    eval_size: int = 0  # 0 = data.image_size
+    window: int = 0  # sliding window (0 = whole image); Segmenter ADE 512 / 512, Pascal Context 480 / 320
+    stride: int = 0  # 0 = window
+    val_max_images: int = 0  # > 0: score only this many val images per rank (smoke runs)
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = 0  # also checkpoint every N optimizer steps (0 = epoch ends only)
+    best_metric: str = ""  # a validation metric (val_miou, val_top1): its best epoch is kept in <run>/best
+    best_mode: str = "max"  # max | min
     keep: int = 3  # newest checkpoints kept in storage
     resume_from: str = ""  # a checkpoint dir (or a run folder: its newest) to start a new run from
     # checkpoint uploads and TensorBoard sync: transient storage errors are retried this long
@@ -118,6 +147,7 @@ class TrainConfig:
     moco: MocoConfig = field(default_factory=MocoConfig)
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -202,7 +232,24 @@ class TrainConfig:
         _check(
             self.ray.backend in ("", "gloo", "nccl"), "ray.backend", "'', 'gloo' or 'nccl'", self.ray.backend
         )
-        if self.objective == "moco":
+        _check(self.schedule.kind in SCHEDULES, "schedule.kind", f"one of {SCHEDULES}", self.schedule.kind)
+        _check(self.checkpoint.best_mode in ("max", "min"), "checkpoint.best_mode", "'max' or 'min'",
+               self.checkpoint.best_mode)
+        if self.objective == "segmentation":
+            seg = self.segmentation
+            _check(self.data.recipe == "segmentation", "data.recipe",
+                   "'segmentation' for objective segmentation", self.data.recipe)
+            _check(seg.num_classes > 0, "segmentation.num_classes", "> 0", seg.num_classes)
+            _check(seg.decoder in ("mask_transformer", "softmax"), "segmentation.decoder",
+                   "'mask_transformer' or 'softmax'", seg.decoder)
+            _check(seg.eval_resize in ("short", "long"), "segmentation.eval_resize", "'short' or 'long'",
+                   seg.eval_resize)
+            _check(seg.window >= 0 and seg.stride >= 0, "segmentation.window", ">= 0 (and stride >= 0)",
+                   (seg.window, seg.stride))
+            if self.checkpoint.best_metric:
+                _check(bool(seg.val_shards), "segmentation.val_shards",
+                       f"a shard set when checkpoint.best_metric={self.checkpoint.best_metric!r}", "")
+        elif self.objective == "moco":
             _check(self.data.recipe == "moco", "data.recipe", "'moco' for objective moco", self.data.recipe)
             _check(self.moco.temperature > 0, "moco.temperature", "> 0", self.moco.temperature)
             _check(0 <= self.moco.momentum <= 1, "moco.momentum", "in [0, 1]", self.moco.momentum)

@@ -28,8 +28,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     """Validate (incl. that named checkpoints exist) and fix the run name, before any worker starts."""
     cfg.validate()
     probe = cfg.linear.pretrained if cfg.objective == "linear" else ""
+    dense = cfg.segmentation.pretrained if cfg.objective == "segmentation" else ""
     for key, location, find in (
         ("linear.pretrained", probe, checkpoint_location),  # a released .pth.tar file too
+        ("segmentation.pretrained", dense, checkpoint_location),
         ("checkpoint.resume_from", cfg.checkpoint.resume_from, latest_checkpoint),
     ):
         if location:
@@ -99,6 +101,7 @@ class ProgressLine(UserCallback):
             ("data_wait_frac", ".2f"),
             ("train_top1", ".1f"),
             ("val_top1", ".2f"),
+            ("val_miou", ".2f"),
         ):
             if key in head:
                 parts.append(f"{key} {head[key]:{fmt}}")

@@ -26,7 +26,7 @@ from cast.train.config import TrainConfig
 from cast.train.metrics import MetricsWindow, Reporter
 from cast.train.objectives import build_objective
 from cast.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
-from cast.train.validation import build_validation
+from cast.train.validation import BestCheckpoint, build_validation
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -59,9 +59,11 @@ class Trainer:
         self.micro_batch, self.accum = cfg.batch_split(world_size)
         self.data = dataclasses.replace(cfg.data, batch_size=self.micro_batch)
         self.peak_lr = scaled_lr(cfg.optim, self.global_batch)
-        optimizer = build_optimizer(self.module, cfg.optim, self.peak_lr)
+        groups = self.objective.param_groups(self.module)
+        optimizer = build_optimizer(self.module, cfg.optim, self.peak_lr, groups)
+        self.best = BestCheckpoint(cfg) if cfg.checkpoint.best_metric else None
         self.state = TrainState(self.module, optimizer, self.objective, rank=rank, world_size=world_size,
-                                seed=cfg.seed, config_yaml=dump_config(cfg))
+                                seed=cfg.seed, config_yaml=dump_config(cfg), best=self.best)
         if self.state.restore(ray.train.get_checkpoint(), cfg.checkpoint.resume_from) and rank == 0:
             p = self.state.position
             print(f"[cast-train] resumed at step {p.step} (epoch {p.epoch}, {p.samples_seen} samples seen) "
@@ -78,7 +80,8 @@ class Trainer:
                 f"{self.global_batch}"
             )
         self.total_samples = self.epoch_samples * cfg.schedule.epochs
-        self.warmup_samples = round(cfg.schedule.warmup_epochs * self.epoch_samples)
+        warmup = cfg.schedule.warmup_steps * self.global_batch  # SPML counts warmup in iterations
+        self.warmup_samples = warmup or round(cfg.schedule.warmup_epochs * self.epoch_samples)
         self.sample_log = None
         if cfg.logging.sample_log:
             os.makedirs(cfg.logging.sample_log, exist_ok=True)
@@ -115,7 +118,8 @@ class Trainer:
             if self.validation is not None and position.epoch + 1 == cfg.schedule.epochs:
                 self.validation.finish(extra)  # before the last report: a restart redoes both
             position.epoch, position.remaining = position.epoch + 1, None
-            self._report(window, loader, with_checkpoint=True, extra=extra)
+            best = self.best is not None and self.best.improved(extra)  # same figures on every rank
+            self._report(window, loader, with_checkpoint=True, extra=extra, best=best)
         self.reporter.close()
         if self.sample_log is not None:
             self.sample_log.close()
@@ -156,7 +160,8 @@ class Trainer:
         position.step += 1
         window.lr = lr
 
-    def _report(self, window: MetricsWindow, loader, *, with_checkpoint: bool, extra: dict | None = None):
+    def _report(self, window: MetricsWindow, loader, *, with_checkpoint: bool, extra: dict | None = None,
+                best: bool = False):
         position = self.state.position
         metrics = self.reporter.collect(window, loader.counters, {
             **(extra or {}),
@@ -165,6 +170,10 @@ class Trainer:
             "epoch_progress": self.epoch_progress(),
         })
         folder = self.state.save() if with_checkpoint else None
+        if best and folder is not None:  # rank 0 holds the folder
+            url = self.best.publish(folder, metrics, position.step, position.epoch)
+            print(f"[cast-train] best {self.best.metric} {self.best.value:.3f} at epoch {position.epoch}: "
+                  f"{url}", flush=True)
         upload = retrying_upload(self.cfg.checkpoint.retry, self.cfg.run_folder())
         self.reporter.publish(metrics, position.step, folder, checkpoint_name(position), upload)
 

@@ -24,7 +24,8 @@ from torch import nn
 
 import cast.models  # noqa: F401  (registers cast_* with timm)
 from cast.eval.model_loading import checkpoint_location, load_backbone
-from cast.train.config import MocoConfig, SupervisedConfig, TrainConfig
+from cast.models.decoders import DenseSegmenter, build_decoder
+from cast.train.config import MocoConfig, SegmentationConfig, SupervisedConfig, TrainConfig
 from cast.train.distributed import all_gather, rank
 
 
@@ -168,6 +169,10 @@ class Objective:
     def after_step(self, module: nn.Module, progress: float) -> None:
         """Called after each optimizer step; ``progress``: the fractional epoch reached by it."""
 
+    def param_groups(self, module: nn.Module) -> list[dict] | None:
+        """The optimizer's param groups when the recipe has its own (lr multipliers); None = the default."""
+        return None
+
     def state_dict(self) -> dict:
         """Recipe state saved in checkpoints beside the model and optimizer."""
         return {}
@@ -253,10 +258,67 @@ class LinearProbeObjective(Objective):
         return F.cross_entropy(logits.float(), labels), top1_correct(logits.detach(), labels)
 
 
+def segmentation_param_groups(module: nn.Module, cfg: SegmentationConfig, weight_decay: float) -> list[dict]:
+    """SPML's groups (reference section 5.6): backbone weights x1, biases ``bias_lr_mult`` (decay unless
+    ``bias_decay`` is off), decoder weights ``head_lr_mult``, decoder biases ``head_bias_lr_mult``;
+    ``lr_scale`` is what ``optim.set_lr`` multiplies by. 1-D tensors other than biases (norms, embeddings)
+    count as weights, as SPML's grouping by name does."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        head, bias = name.startswith("decoder."), name.endswith(".bias")
+        if head:
+            scale = cfg.head_bias_lr_mult if bias else cfg.head_lr_mult
+        else:
+            scale = cfg.bias_lr_mult if bias else 1.0
+        decay = 0.0 if bias and not cfg.bias_decay else weight_decay
+        groups.setdefault((scale, decay), []).append(param)
+    return [{"params": params, "lr_scale": scale, "weight_decay": decay}
+            for (scale, decay), params in groups.items()]
+
+
+class SegmentationObjective(Objective):
+    """Dense fine-tuning: a dense CAST with a decoder (Segmenter mask transformer or SPML softmax head),
+    per-pixel CE ignoring ``segmentation.ignore_index``. The backbone comes from ``segmentation.pretrained``
+    (our runs or a released checkpoint, position table resized, block fusion new when the source had
+    none). Every parameter takes part in the loss, so DDP runs without ``find_unused_parameters``."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        seg = cfg.segmentation
+        self.pretrained = checkpoint_location(seg.pretrained) if seg.pretrained else ""
+
+    def build(self) -> nn.Module:
+        seg = self.cfg.segmentation
+        encoder = timm.create_model(self.cfg.model.name, num_classes=0, **self.cfg.model.kwargs)
+        if self.pretrained:
+            try:
+                description = load_backbone(self.pretrained, encoder, new=("fusion.",))
+            except ValueError as error:
+                raise ValueError(f"segmentation.pretrained: {error}") from error
+            if rank() == 0:
+                print(f"[cast-train] backbone from {self.pretrained}: {description}", flush=True)
+        decoder = build_decoder(seg.decoder, seg.num_classes, encoder.embed_dim, **seg.decoder_options)
+        return DenseSegmenter(encoder, decoder)
+
+    def param_groups(self, module):
+        return segmentation_param_groups(module, self.cfg.segmentation, self.cfg.optim.weight_decay)
+
+    def loss(self, model, batch, progress):
+        masks = batch["mask"]
+        logits = model(batch["images"][:, 0], batch["superpixels"][:, 0])
+        if logits.shape[-2:] != masks.shape[-2:]:  # superpixels at a lower resolution (SPML: half scale)
+            logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits.float(), masks, ignore_index=self.cfg.segmentation.ignore_index)
+        return loss, -1
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
     "moco": MoCoObjective,
     "supervised": SupervisedObjective,
     "linear": LinearProbeObjective,
+    "segmentation": SegmentationObjective,
 }
 
 

@@ -1,7 +1,8 @@
 """Optimizers and per-iteration schedules of the reference recipes.
 
 lr = base_lr x global batch / base_batch; linear warmup from ``warmup_start_lr``, then a half-cosine
-to ``min_lr``, evaluated every optimizer step (MoCo-v3 and our DeiT runs alike).
+(MoCo-v3, DeiT) or a polynomial decay (mmseg / SPML segmentation) to ``min_lr``, evaluated every
+optimizer step. Param groups may carry ``lr_scale`` (per-group multipliers, SPML's head x10).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, sched:
         return sched.warmup_start_lr + (peak_lr - sched.warmup_start_lr) * step / warmup_steps
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
+    if sched.kind == "poly":
+        return sched.min_lr + (peak_lr - sched.min_lr) * (1.0 - progress) ** sched.poly_power
     return sched.min_lr + (peak_lr - sched.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -56,9 +59,12 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool)
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW (MoCo: wd on all params; DeiT: exclusions) or SGD with momentum (linear probe)."""
-    groups = param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm_from_wd)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float,
+                    groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """AdamW (MoCo: wd on all params; DeiT: exclusions) or SGD with momentum (linear probe, segmentation);
+    ``groups`` (an objective's own param groups) replace the default ones."""
+    if groups is None:
+        groups = param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm_from_wd)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))

@@ -1,20 +1,28 @@
 """Evaluation during training: figures computed at epoch ends and reported with that epoch's metrics.
 
 A ``Validation`` scores the module being trained on a held-out shard set (every sample once, each rank
-its share) and may write a result file when training ends. The linear probe's validation top-1 is the
-one recipe that has it today.
+its share) and may write a result file when training ends: the linear probe's top-1 and dense
+fine-tuning's mIoU (sliding windows, ``cast.eval.dense``). ``BestCheckpoint`` keeps the epoch that scored
+best on any reported metric (``checkpoint.best_metric``) in ``<run>/best``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import math
+from dataclasses import replace
 
+import fsspec
+import numpy as np
 import torch
 from torch import nn
 
-from cast.artifacts import report_url, write_report
-from cast.data import build_loader
+from cast.artifacts import COMPLETE_MARKER, report_url, write_report
+from cast.data import build_loader, read_manifest
 from cast.data.batches import to_device
+from cast.eval.dense import predict_logits
+from cast.eval.segmentation import SegmentationMeter
+from cast.storage import join
 from cast.train.config import TrainConfig
 from cast.train.distributed import all_reduce_sum
 from cast.train.objectives import top1_correct
@@ -37,8 +45,8 @@ class LinearProbeValidation(Validation):
                  device: torch.device, provider):
         self.cfg, self.pretrained = cfg, pretrained
         self.rank, self.world_size, self.device, self.provider = rank, world_size, device, provider
-        self.data = dataclasses.replace(cfg.data, shards=cfg.linear.val_shards, recipe="linear_eval",
-                                        shuffle=False, drop_remainder=False)
+        self.data = replace(cfg.data, shards=cfg.linear.val_shards, recipe="linear_eval", shuffle=False,
+                            drop_remainder=False)
 
     @torch.no_grad()
     def evaluate(self, module):
@@ -73,7 +81,99 @@ class LinearProbeValidation(Validation):
             print(f"[cast-train] linear probe val top-1 {metrics['val_top1']:.2f}: {url}", flush=True)
 
 
+class SegmentationValidation(Validation):
+    """Dataset-level mIoU, pixel accuracy and per-class IoU on ``segmentation.val_shards``: each image as
+    stored, resized and windowed as the recipe evaluates (``cast.eval.dense.predict_logits``), confusion
+    matrices summed over ranks. The last epoch's figures go to ``<run>/segmentation.json``."""
+
+    def __init__(self, cfg: TrainConfig, *, rank: int, world_size: int, device: torch.device, provider):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device, self.provider = device, provider
+        seg = cfg.segmentation
+        self.data = replace(cfg.data, shards=seg.val_shards, recipe="segmentation_eval", batch_size=1,
+                            shuffle=False, drop_remainder=False, superpixels="")
+        self.classes = read_manifest(seg.val_shards).classes or [str(i) for i in range(seg.num_classes)]
+        if len(self.classes) != seg.num_classes:
+            raise ValueError(f"segmentation.val_shards: {seg.val_shards} names {len(self.classes)} classes, "
+                             f"segmentation.num_classes is {seg.num_classes}")
+        self.result: dict = {}
+
+    @torch.no_grad()
+    def evaluate(self, module):
+        module.eval()
+        seg = self.cfg.segmentation
+        meter = SegmentationMeter(seg.num_classes, seg.ignore_index)
+        loader = build_loader(self.data, rank=self.rank, world_size=self.world_size, epoch=0)
+        for index, batch in enumerate(loader):
+            if seg.val_max_images and index >= seg.val_max_images:
+                break
+            batch = to_device(batch, self.device, with_superpixels=False)
+            logits = predict_logits(module, batch["images"][:, 0], self.provider,
+                                    size=seg.eval_size or self.cfg.data.image_size, resize=seg.eval_resize,
+                                    window=seg.window, stride=seg.stride, num_classes=seg.num_classes)
+            meter.update(logits[0].argmax(0), batch["mask"][0])
+        confusion = all_reduce_sum(torch.from_numpy(meter.confusion).to(self.device))
+        meter.confusion = confusion.cpu().numpy().astype(np.int64)
+        self.result = meter.result(self.classes)
+        return {"val_miou": self.result["miou"] * 100.0,
+                "val_pixel_acc": self.result["pixel_accuracy"] * 100.0}
+
+    def finish(self, metrics):
+        if self.rank == 0:
+            seg = self.cfg.segmentation
+            result = {**self.result, "val_shards": seg.val_shards, "window": seg.window, "stride": seg.stride}
+            url = write_report(result, join(self.cfg.run_folder(), "segmentation.json"))
+            print(f"[cast-train] val mIoU {metrics['val_miou']:.2f}: {url}", flush=True)
+
+
+BEST_FOLDER = "best"
+
+
+class BestCheckpoint:
+    """The checkpoint of the epoch with the best ``checkpoint.best_metric`` (max or min), in
+    ``<run>/best`` (state.pt, config.yaml, best.json, then ``_COMPLETE``), for any recipe whose
+    validation reports that metric. The best value so far lives in the run's state (``state_dict``), so a
+    restarted run keeps comparing against it."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.metric, self.mode = cfg.checkpoint.best_metric, cfg.checkpoint.best_mode
+        self.url = join(cfg.run_folder(), BEST_FOLDER)
+        self.value: float | None = None
+
+    def improved(self, metrics: dict) -> bool:
+        if self.metric not in metrics:
+            raise KeyError(f"checkpoint.best_metric: {self.metric!r} is not among the validation metrics "
+                           f"{sorted(metrics)}")
+        value = float(metrics[self.metric])
+        if math.isnan(value):
+            return False
+        better = self.value is None or (value > self.value if self.mode == "max" else value < self.value)
+        if better:
+            self.value = value
+        return better
+
+    def publish(self, local_folder: str, metrics: dict, step: int, epoch: int) -> str:
+        """Copy a local checkpoint folder (before it is reported) to ``<run>/best``, replacing the old one."""
+        fs, path = fsspec.core.url_to_fs(self.url)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        fs.put(local_folder.rstrip("/") + "/", path, recursive=True)
+        record = {"metric": self.metric, "value": self.value, "step": step, "epoch": epoch,
+                  "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}}
+        fs.pipe_file(f"{path}/best.json", json.dumps(record, indent=1).encode())
+        fs.pipe_file(f"{path}/{COMPLETE_MARKER}", b"ok\n")
+        return self.url
+
+    def state_dict(self) -> dict:
+        return {"best_value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state.get("best_value")
+
+
 def build_validation(cfg: TrainConfig, objective, **context) -> Validation | None:
     if cfg.objective == "linear" and cfg.linear.val_shards:
         return LinearProbeValidation(cfg, objective.pretrained, **context)
+    if cfg.objective == "segmentation" and cfg.segmentation.val_shards:
+        return SegmentationValidation(cfg, **context)
     return None
