@@ -172,13 +172,15 @@ def pasted_segmentation(
     size: int = 128,
     num_classes: int = 10,
     items_per_image: tuple[int, int] = (1, 3),
+    item_size: tuple[float, float] = (0.25, 0.5),
     seed: int = 0,
     source: Path = FASHION_MNIST_DIR,
 ) -> Path:
     """Write the pasted set in the ``voc`` layout: ``JPEGImages/``, ``SegmentationClass/`` (L-mode PNGs,
     0 background, 1..``num_classes`` the item's class), ``ImageSets/Segmentation/{train,val}.txt`` and
     ``classes.txt`` (background + the first ``num_classes`` item classes). Items of the val split come
-    from Fashion-MNIST's test split. Each item covers the pixels where it is brighter than 24/255."""
+    from Fashion-MNIST's test split. Each item's side is ``item_size`` (a fraction of ``size``) and it
+    covers the pixels where it is brighter than 24/255."""
     rng = np.random.default_rng(seed)
     photos = [image for _, image in _skimage_arrays()]
     dest = Path(dest)
@@ -199,7 +201,7 @@ def pasted_segmentation(
             mask = np.zeros((size, size), dtype=np.uint8)
             for _ in range(int(rng.integers(items_per_image[0], items_per_image[1] + 1))):
                 item = int(rng.choice(pool))
-                side = int(rng.integers(size // 4, size // 2 + 1))
+                side = int(rng.integers(round(size * item_size[0]), round(size * item_size[1]) + 1))
                 grey = Image.fromarray(items[item]).resize((side, side), Image.BILINEAR)
                 grey = np.asarray(grey, dtype=np.float32)
                 y, x = int(rng.integers(size - side + 1)), int(rng.integers(size - side + 1))
