@@ -194,3 +194,23 @@ def save_label_maps(out_dir: str, stem: str, levels: np.ndarray,
     _write_bytes(url, buffer.getvalue())
     written.append(url)
     return written
+
+
+def semantic_panels(image: np.ndarray, target: np.ndarray, prediction: np.ndarray, num_classes: int,
+                    ignore_index: int = 255, opacity: float = 0.6) -> np.ndarray:
+    """[image | ground truth | prediction] side by side (uint8 [H, 3W + 2 gaps, 3]): each class tinted
+    with its palette colour (the same in both maps), ignored ground-truth pixels left as the image."""
+    image = np.asarray(image, dtype=np.uint8)
+    colours = palette(num_classes).astype(np.float32)
+
+    def tinted(labels: np.ndarray) -> np.ndarray:
+        labels = np.asarray(labels, dtype=np.int64)
+        known = labels != ignore_index
+        mixed = image.astype(np.float32).copy()
+        mixed[known] = (1 - opacity) * mixed[known] + opacity * colours[labels[known]]
+        edges = segment_boundaries(np.where(known, labels, -1))
+        mixed[edges] = 255
+        return np.round(mixed).astype(np.uint8)
+
+    gap = np.full((image.shape[0], PANEL_GAP, 3), 255, dtype=np.uint8)
+    return np.concatenate([image, gap, tinted(target), gap, tinted(prediction)], axis=1)

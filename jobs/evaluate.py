@@ -1,5 +1,6 @@
 """Evaluate a CAST checkpoint over Ray workers (or in this process): kNN on labelled shards, VOC segment
-retrieval on image+mask shards, PartImageNet part/whole mIoU; one JSON per task beside the checkpoint
+retrieval on image+mask shards, PartImageNet part/whole mIoU, semantic segmentation of a fine-tuned dense
+model (jobs.finetune_seg) with sliding windows and overlays; one JSON per task beside the checkpoint
 (``<checkpoint>.<task>.json``) and a printed table.
 
     python -m jobs.evaluate --task knn --checkpoint s3://b/runs/moco --model cast_small \\
@@ -8,6 +9,9 @@ retrieval on image+mask shards, PartImageNet part/whole mIoU; one JSON per task 
         --seg-bank-shards s3://b/voc/train_aug --seg-shards s3://b/voc/val --workers 4 --gpu
     python -m jobs.evaluate --task partimagenet --checkpoint checkpoint_0099.pth.tar --model cast_base \\
         --part-shards s3://b/partimagenet/val --clip-weights /models/vit_b16_openai.bin --workers 4 --gpu
+    python -m jobs.evaluate --task segmentation --checkpoint s3://b/runs/seg-ade/best \\
+        --model cast_seg_small_deit --model-arg img_size=512 --seg-eval-shards s3://b/ade20k/val \\
+        --size 512 --window 512 --stride 512 --superpixel-param num_superpixels=1024 --workers 8 --gpu
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ import yaml
 from cast.artifacts import read_report, report_url, write_report
 from cast.eval.distributed import RunSettings, run_tasks
 from cast.eval.report import format_table
-from cast.eval.tasks import KnnTask, LoaderSpec, ModelSpec, RetrievalTask
+from cast.eval.tasks import KnnTask, LoaderSpec, ModelSpec, RetrievalTask, SegmentationTask
 
-TASKS = ("knn", "retrieval", "partimagenet")
+TASKS = ("knn", "retrieval", "partimagenet", "segmentation")
 
 
 def _pairs(parser: argparse.ArgumentParser, items: list[str], flag: str) -> dict:
@@ -75,6 +79,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parts.add_argument("--coarse-level", type=int, default=4)
     parts.add_argument("--fine-level", type=int, default=3)
     parts.add_argument("--no-oracle", action="store_true", help="skip the ground-truth-segment oracle")
+    dense = parser.add_argument_group("segmentation (reference sections 5.4, 5.6)")
+    dense.add_argument("--seg-eval-shards", help="image+mask shards scored (ADE20K, Pascal Context, VOC val)")
+    dense.add_argument("--decoder", default="mask_transformer", choices=("mask_transformer", "softmax"))
+    dense.add_argument("--eval-resize", default="short", choices=("short", "long"),
+                       help="side resized to --size: short (ADE20K, Pascal Context) or long (VOC)")
+    dense.add_argument("--window", type=int, default=0, help="sliding window (0: whole image)")
+    dense.add_argument("--stride", type=int, default=0, help="window stride (0: the window)")
+    dense.add_argument("--overlays", help="folder for [image | ground truth | prediction] PNGs "
+                       "(default <out>.segmentation-overlays)")
+    dense.add_argument("--max-overlays", type=int, default=8)
     run = parser.add_argument_group("where it runs")
     run.add_argument("--workers", type=int, default=0, help="Ray workers (0: this process, no Ray)")
     run.add_argument("--gpu", action="store_true", help="one GPU per Ray worker")
@@ -100,9 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_tasks(args: argparse.Namespace) -> list:
     """The tasks the arguments ask for; ValueError naming the missing option."""
     given = {"knn": (args.train_shards, args.val_shards),
-             "retrieval": (args.seg_bank_shards, args.seg_shards), "partimagenet": (args.part_shards,)}
+             "retrieval": (args.seg_bank_shards, args.seg_shards), "partimagenet": (args.part_shards,),
+             "segmentation": (args.seg_eval_shards,)}
     flags = {"knn": "--train-shards and --val-shards", "retrieval": "--seg-bank-shards and --seg-shards",
-             "partimagenet": "--part-shards"}
+             "partimagenet": "--part-shards", "segmentation": "--seg-eval-shards"}
     for name, values in given.items():
         if any(values) and not all(values):
             raise ValueError(f"{name}: {flags[name]} go together; got only one of them")
@@ -142,6 +157,13 @@ def build_tasks(args: argparse.Namespace) -> list:
         tasks.append(PartWholeTask(model, loader, args.part_shards, args.clip_model, args.clip_weights,
                                    size, args.coarse_level, args.fine_level, args.superpixels, params,
                                    oracle=not args.no_oracle))
+    if "segmentation" in chosen:
+        loader = LoaderSpec("segmentation_eval", size, 1, **common)  # images as stored, windows per image
+        overlays = args.overlays if args.overlays is not None else f"{base}.segmentation-overlays"
+        tasks.append(SegmentationTask(model, loader, args.seg_eval_shards, args.decoder, size=size,
+                                      resize=args.eval_resize, window=args.window, stride=args.stride,
+                                      overlays=overlays if args.max_overlays > 0 else "",
+                                      max_overlays=args.max_overlays))
     return tasks
 
 

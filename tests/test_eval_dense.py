@@ -63,3 +63,53 @@ def test_spml_parameter_groups():
     assert any(p is model.encoder.fusion.proj.weight for p in groups[(1.0, 1e-4)])
     trainable = sum(1 for p in model.parameters() if p.requires_grad)
     assert sum(len(v) for v in groups.values()) == trainable
+
+
+def test_segmentation_job_scores_a_checkpoint_and_writes_overlays(tmp_path):
+    """jobs.evaluate --task segmentation on real pasted shards: the dataset mIoU of the job equals
+    torchmetrics' on the model's whole-image predictions, per-class IoU named by the manifest, overlays."""
+    import json
+
+    import numpy as np
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    import jobs.evaluate as job
+    from cast.artifacts import write_checkpoint
+    from cast.data import DataConfig, build_loader
+    from cast.data.transforms import denormalize
+    from data_tools.make_shards import build_shards
+    from data_tools.sample_data import pasted_segmentation
+
+    src = pasted_segmentation(tmp_path / "src", train=0, val=4, size=64, num_classes=2)
+    build_shards(str(src), str(tmp_path / "val"), "voc", name="val",
+                 split_list="ImageSets/Segmentation/val.txt", progress=False)
+    torch.manual_seed(1)
+    model = DenseSegmenter(cm.create_model("cast_seg_tiny", img_size=64), build_decoder("softmax", 3, 192))
+    folder = tmp_path / "run" / "best"
+    folder.mkdir(parents=True)
+    write_checkpoint(str(folder), {"model": model.state_dict()}, "")
+    code = job.main(["--task", "segmentation", "--checkpoint", str(folder), "--model", "cast_seg_tiny",
+                     "--model-arg", "img_size=64", "--decoder", "softmax",
+                     "--seg-eval-shards", str(tmp_path / "val"), "--size", "64",
+                     "--superpixels", "seeds_fast",
+                     "--superpixel-param", "num_superpixels=64",
+                     "--loader-workers", "0", "--device", "cpu", "--no-progress"])
+    assert code == 0
+    report = json.loads((tmp_path / "run" / "best.segmentation.json").read_text())
+    assert list(report["class_iou"]) == ["background", "t-shirt", "trouser"] and report["images"] == 4
+    provider = get_provider("seeds_fast", num_superpixels=64)
+    metric = MulticlassJaccardIndex(3, average="none", ignore_index=255)
+    model.eval()
+    cfg = DataConfig(shards=str(tmp_path / "val"), recipe="segmentation_eval", batch_size=1, num_workers=0,
+                     shuffle=False, drop_remainder=False, superpixels="")
+    with torch.no_grad():
+        for batch in build_loader(cfg, rank=0, world_size=1, epoch=0):
+            images = batch["images"][:, 0]  # 64 px: no resize, one window
+            logits = model(images, provider.batch(denormalize(images)).long())
+            metric.update(logits.argmax(1), batch["mask"])
+    expected = metric.compute().tolist()
+    ours = list(report["class_iou"].values())
+    assert all(v is None or abs(v - e) < 1e-6 for v, e in zip(ours, expected)) and any(v for v in ours)
+    assert abs(report["miou"] - np.mean([v for v in ours if v is not None])) < 1e-9
+    overlays = sorted((tmp_path / "run").glob("best.segmentation-overlays/*.png"))
+    assert len(overlays) == 4 and report["overlays"]

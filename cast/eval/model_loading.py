@@ -89,6 +89,30 @@ def load_model(model_name: str, checkpoint: str | None, *, device: str | torch.d
     return model.eval().to(device)
 
 
+def load_segmenter(model_name: str, checkpoint: str | None, *, decoder: str, num_classes: int,
+                   decoder_options: dict | None = None, device: str | torch.device = "cpu", seed: int = 0,
+                   **model_options):
+    """A ``DenseSegmenter`` (dense ``model_name`` + ``decoder``) with the weights of a fine-tuning run of
+    ours (``checkpoint``: run or checkpoint folder, every key must load), or randomly initialised from
+    ``seed``; in eval mode on ``device``."""
+    from cast.models.decoders import DenseSegmenter, build_decoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = create_model(model_name, **{"num_classes": 0, **model_options})
+        model = DenseSegmenter(encoder, build_decoder(decoder, num_classes, encoder.embed_dim,
+                                                      **(decoder_options or {})))
+    if checkpoint is not None:
+        state = _read(checkpoint)
+        state = state.get("model", state)
+        try:
+            model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+        except RuntimeError as error:
+            raise ValueError(f"{checkpoint}: not a {model_name} + {decoder} ({num_classes} classes) "
+                             f"segmentation checkpoint ({str(error).splitlines()[0]})") from error
+    return model.eval().to(device)
+
+
 def load_backbone(checkpoint: str | dict, model: CAST, new: tuple[str, ...] = ()) -> str:
     """Load every backbone weight of ``checkpoint`` (a location, or a checkpoint dict already read) into
     ``model``, any layout of the module doc; returns what was loaded. Heads may be absent, and so may keys

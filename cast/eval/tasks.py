@@ -15,9 +15,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from PIL import Image
 
 from cast.data import DataConfig, ShardSetError, build_loader, read_manifest
+from cast.eval.dense import predict_logits
 from cast.eval.distributed import WorkerContext
 from cast.eval.features import (
     FeatureBank,
@@ -28,7 +31,7 @@ from cast.eval.features import (
     write_features,
 )
 from cast.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_scores, knn_summary, top_hits
-from cast.eval.model_loading import build_projector, load_model, projector_state
+from cast.eval.model_loading import build_projector, load_model, load_segmenter, projector_state
 from cast.eval.retrieval import (
     DEFAULT_TOP_K,
     EMBEDDINGS,
@@ -292,6 +295,76 @@ class RetrievalTask:
             "bank_prototypes": len(bank), "bank_images": len(set(bank.keys)),
             "bank_shards": self.bank_shards, "test_shards": self.test_shards, "features": self.features,
             "workers": context.world_size, "seconds": time.perf_counter() - started,
+        })
+        return result
+
+
+@dataclass
+class SegmentationTask:
+    """Semantic segmentation of a fine-tuned dense model as the recipes evaluate (sections 5.4, 5.6):
+    every image resized (short side for ADE20K / Pascal Context, long side for VOC), sliding windows or
+    the whole image, logits averaged and scored at the original size; dataset-level mIoU, per-class IoU
+    and pixel accuracy from the summed confusion matrices. ``overlays``: a folder for [image | ground
+    truth | prediction] PNGs of the first ``max_overlays`` images of rank 0."""
+
+    model: ModelSpec  # a dense variant; checkpoint = our jobs.finetune_seg run or checkpoint
+    data: LoaderSpec
+    shards: str
+    decoder: str = "mask_transformer"
+    decoder_options: dict = field(default_factory=dict)
+    size: int = 512
+    resize: str = "short"
+    window: int = 0
+    stride: int = 0
+    overlays: str = ""
+    max_overlays: int = 8
+    name: str = "segmentation"
+
+    def validate(self, world_size: int = 1) -> None:
+        if self.resize not in ("short", "long") or self.window < 0 or self.stride < 0 or self.size < 8:
+            raise ValueError(f"segmentation: --eval-resize short|long, --window/--stride >= 0 and --size "
+                             f">= 8; got {self.resize!r}, {self.window}, {self.stride}, {self.size}")
+        manifest = self.data.check_shards(self.shards, "--seg-eval-shards", self.name, world_size)
+        if manifest.layout in MASKLESS_LAYOUTS or not manifest.classes:
+            raise ShardSetError(f"segmentation: --seg-eval-shards {manifest.url} needs image+mask shards "
+                                "with class names (layouts voc, pcontext, ade20k)")
+
+    def run(self, context: WorkerContext) -> dict:
+        from cast.data.transforms import denormalize
+        from cast.viz import save_png, semantic_panels
+
+        started = time.perf_counter()
+        classes = read_manifest(self.shards).classes
+        spec = self.model
+        model = load_segmenter(spec.name, spec.checkpoint, decoder=self.decoder, num_classes=len(classes),
+                               decoder_options=self.decoder_options, device=context.device, seed=spec.seed,
+                               **spec.options)
+        provider = self.data.provider()
+        meter = SegmentationMeter(len(classes), IGNORE_INDEX)
+        loader = self.data.loader(self.shards, context)
+        written = []
+        with torch.no_grad():
+            for batch in _limit(loader, self.data.max_batches):
+                images, mask = batch["images"][:, 0].to(context.device), batch["mask"][0]
+                logits = predict_logits(model, images, provider, size=self.size, resize=self.resize,
+                                        window=self.window, stride=self.stride, num_classes=len(classes))
+                prediction = logits[0].argmax(0).cpu()
+                meter.update(prediction, mask)
+                if self.overlays and context.rank == 0 and len(written) < self.max_overlays:
+                    view = (denormalize(images[0]).permute(1, 2, 0).cpu().numpy() * 255).round()
+                    url = join(self.overlays, f"{batch['key'][0].replace('/', '_')}.png")
+                    save_png(url, Image.fromarray(semantic_panels(view.astype(np.uint8), mask.numpy(),
+                                                                  prediction.numpy(), len(classes))))
+                    written.append(url)
+        merged = SegmentationMeter.merged(context.gather(meter))
+        result = merged.result(classes)
+        seconds = time.perf_counter() - started
+        result.update({
+            "model": spec.name, "checkpoint": spec.label, "decoder": self.decoder, "size": self.size,
+            "resize": self.resize, "window": self.window, "stride": self.stride, "shards": self.shards,
+            "workers": context.world_size, "seconds": seconds,
+            "seconds_per_image": seconds * context.world_size / max(1, len(merged.image_miou)),
+            "overlays": context.gather(written)[0],
         })
         return result
 
