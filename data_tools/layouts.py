@@ -93,7 +93,7 @@ def scan(src: str, layout: str, split_list: str | None = None) -> tuple[list[Sou
     elif layout == "partimagenet":
         samples, classes = _partimagenet(fs, root, rel, split_list)
     else:
-        samples, classes = _ade20k(rel)
+        samples, classes = _ade20k(rel, split_list)
     if not samples:
         raise ValueError(f"--src {src}: no images found for layout {layout!r}")
     samples.sort(key=lambda sample: sample.key)
@@ -167,7 +167,12 @@ def _voc(
     return samples, classes
 
 
-def _ade20k(rel: dict[str, tuple[str, int]]) -> tuple[list[SourceSample], list[str]]:
+def _ade20k(rel: dict[str, tuple[str, int]], split: str | None = None
+            ) -> tuple[list[SourceSample], list[str]]:
+    """``images/<split>/*.jpg`` + ``annotations/<split>/*.png`` (ADEChallengeData2016); ``--split-list``
+    names the split folder (training, validation), else every split is taken."""
+    if split:
+        rel = {r: v for r, v in rel.items() if r.startswith((f"images/{split}/", f"annotations/{split}/"))}
     images, masks = _images_and_masks(rel, "images/", "annotations/")
     unmatched = sorted(set(images) ^ set(masks))
     if unmatched:

@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--max-bytes", type=int, help="bytes per shard")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split-list", help="VOC: id list (path relative to --src or a URL)")
+    parser.add_argument("--split-list", help="voc/pcontext: id list (path relative to --src or a URL); "
+                        "ade20k: the split folder (training, validation); partimagenet: the split")
     args = parser.parse_args(argv)
     manifest = build_shards(
         args.src,

@@ -39,8 +39,10 @@ def test_ade20k_reduces_the_zero_label(tmp_path):
     raw = np.asarray(Image.open(path)).astype(np.int64)
     raw[20:24, 20:24] = 0  # "other"
     Image.fromarray(raw.astype(np.uint8)).save(path)
-    build_shards(str(src), str(tmp_path / "out"), "ade20k", progress=False)
+    build_shards(str(src), str(tmp_path / "out"), "ade20k", split_list="training", progress=False)
     assert read_manifest(str(tmp_path / "out")).classes == list(ADE20K_CLASSES)
+    with pytest.raises(ValueError, match="no images found"):
+        build_shards(str(src), str(tmp_path / "none"), "ade20k", split_list="validation", progress=False)
     masks, keys = _masks(str(tmp_path / "out"))
     reduced = masks[keys.index("training/ADE_train_00000000")].numpy()
     expected = np.where((raw == 0) | (raw == IGNORE_INDEX), IGNORE_INDEX, raw - 1)
