@@ -35,6 +35,7 @@ bench: install
 	$(PY) -m benchmarks.model
 	$(PY) -m benchmarks.superpixels
 	$(PY) -m benchmarks.data
+	$(PY) -m benchmarks.dense
 
 # SEEDS vs seeds_fast: short MoCo runs of cast_tiny, kNN accuracy of each (about 20 min per seed on 2 cores)
 bench-knn: install
