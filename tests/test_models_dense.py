@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 import cast.models as cm
@@ -74,3 +76,30 @@ def test_decoders_paint_superpixel_scores_and_train_every_parameter():
         torch.nn.functional.cross_entropy(logits, target, ignore_index=255).backward()
         unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert unused == []  # DDP needs no find_unused_parameters
+
+
+def test_segmentation_objective_starts_from_our_run_folder(tmp_path):
+    """segmentation.pretrained = one of our MoCo runs (a run folder): backbone loaded at the new size,
+    block fusion and decoder fresh, and a loss that CE over the painted scores gives."""
+    from cast.artifacts import COMPLETE_MARKER, write_checkpoint
+    from cast.config import load_config
+    from cast.train.config import TrainConfig
+    from cast.train.objectives import SegmentationObjective
+
+    ours = randomise(cm.create_model("cast_tiny", img_size=64))
+    folder = tmp_path / "moco-run" / "checkpoint_epoch0001_step000000004"
+    folder.mkdir(parents=True)
+    state = {"model": {f"base_encoder.{k}": v for k, v in ours.state_dict().items()}}
+    write_checkpoint(str(folder), state, "")
+    (folder / COMPLETE_MARKER).write_text("ok\n")
+    config = Path(__file__).resolve().parents[1] / "jobs/configs/seg_cast_tiny.yaml"
+    cfg = load_config(TrainConfig, str(config),
+                      ["data.shards=/d", f"segmentation.pretrained={tmp_path / 'moco-run'}",
+                       "segmentation.num_classes=3", "model.kwargs={img_size: 128}"])
+    objective = SegmentationObjective(cfg)
+    model = objective.build()
+    assert backbone_equal(ours, model.encoder) == []
+    batch = {"images": torch.randn(2, 1, 3, 128, 128), "superpixels": grid_superpixels(2, 128)[:, None],
+             "mask": torch.randint(0, 3, (2, 128, 128))}
+    loss, _ = objective.loss(model.train(), batch, 0.0)
+    assert torch.isfinite(loss) and loss.requires_grad
