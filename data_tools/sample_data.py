@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         out = skimage_photos(args.dest)
-    print(f"wrote {sum(1 for p in Path(out).rglob('*') if p.is_file())} images under {out}")
+    images = Path(out) / "JPEGImages" if args.which == "pasted" else Path(out)
+    print(f"wrote {sum(1 for p in images.rglob('*') if p.is_file())} images under {out}")
     return 0
 
 

@@ -82,6 +82,7 @@ def test_submitted_finetune_beats_all_background_and_resumes_exactly(ray_head, p
     assert best["metric"] == "val_miou" and best["value"] == pytest.approx(
         max(float(v) for v in re.findall(r"val_miou ([0-9.]+)", logs)), abs=0.006)
     assert (tmp_path / "full" / "best" / COMPLETE_MARKER).exists()
+    assert read_state(str(tmp_path / "full" / "best"))["position"]["epoch"] == best["epoch"]
     print(f"pasted set: val mIoU {miou:.1f} after {EPOCHS} epochs vs all-background {baseline:.1f}")
 
     middle = next(p for p in sorted((tmp_path / "full").glob(f"checkpoint_epoch{EPOCHS - 1:04d}_*")))
