@@ -45,6 +45,7 @@ from cast.data.config import DataConfig
 from cast.data.samples import LABEL_KEY, MASK_KEY, decode_image, decode_label, decode_mask, image_key
 from cast.data.shards import Counters, Manifest, Shard, iter_shards, list_shards
 from cast.data.transforms import Recipe, build_recipe
+from cast.superpixels.base import merge_to_budget, relabel_contiguous
 
 log = logging.getLogger(__name__)
 
@@ -351,12 +352,40 @@ class ShardStream(IterableDataset):
             "key": sample["__key__"],
         }
         if self.provider is not None and not self.provider.on_device:
-            out["superpixels"] = torch.stack(
-                [torch.from_numpy(np.asarray(self.provider(view), dtype=np.int64)) for view in views]
-            )
+            maps = self._superpixels(views, sample, counters)
+            if maps is None:
+                return None
+            out["superpixels"] = maps
         if mask_t is not None:
             out["mask"] = mask_t
         return out
+
+    def _superpixels(self, views: list[np.ndarray], sample: dict, counters: Counters) -> torch.Tensor | None:
+        """The views' maps within the token budget (``max_superpixels``: the smallest segments merged,
+        counted as ``superpixels_merged``); None, counted as ``too_few_superpixels`` and logged, when a
+        view has fewer than ``min_superpixels`` segments (an empty or flat image), which no forward
+        with a fixed first pooling could take."""
+        budget, fewest = self.cfg.max_superpixels, self.cfg.min_superpixels
+        maps = []
+        for index, view in enumerate(views):
+            labels = relabel_contiguous(np.asarray(self.provider(view)))
+            if budget:
+                labels, merged = merge_to_budget(labels, budget)
+                if merged:
+                    counters.record("superpixels_merged")
+            count = int(labels.max()) + 1 if labels.size else 0
+            if count < fewest:
+                key = sample["__key__"]
+                if key not in self._reported:
+                    self._reported.add(key)
+                    counters.record(
+                        "too_few_superpixels",
+                        f"{sample['__url__']}: sample {key} view {index} has {count} superpixels, fewer "
+                        f"than data.min_superpixels={fewest} (the first pooling's clusters); skipped",
+                    )
+                return None
+            maps.append(torch.from_numpy(labels.astype(np.int64, copy=False)))
+        return torch.stack(maps)
 
     @staticmethod
     def _collate(batch: list[dict]) -> dict:

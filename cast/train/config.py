@@ -22,6 +22,9 @@ class ModelConfig:
     kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (e.g. img_size, drop_path_rate)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm (the MoCo reference does)
     freeze_bn: bool = False  # keep every BatchNorm in eval mode (running stats, no batch stats)
+    # torch.compile the CAST encoders in place (state_dict keys unchanged); pays off with a token
+    # budget (data.max_superpixels), which makes every shape static: one graph, no recompiles
+    compile: bool = False
 
 
 @dataclass
@@ -160,6 +163,7 @@ class TrainConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from e
         _check_model(self.model.name)
+        _check_cast_arguments(self.model.name, self.model_kwargs())
         _check_provider(self.data)
         _check(self.optim.name in OPTIMIZERS, "optim.name", f"one of {OPTIMIZERS}", self.optim.name)
         for key, value in (
@@ -221,6 +225,26 @@ class TrainConfig:
             _check(bool(self.linear.pretrained), "linear.pretrained", "a pretrained checkpoint path", "")
             _check(self.optim.name == "sgd", "optim.name", "'sgd' for the linear probe", self.optim.name)
 
+    def model_kwargs(self) -> dict:
+        """``timm.create_model`` keywords: ``model.kwargs`` plus, for CAST, the token budget
+        ``data.max_superpixels`` as ``num_tokens`` (static shapes), unless the kwargs set it."""
+        kwargs = dict(self.model.kwargs)
+        if self.data.max_superpixels and self.model.name.startswith("cast_"):
+            kwargs.setdefault("num_tokens", self.data.max_superpixels)
+        return kwargs
+
+    def training_data(self) -> DataConfig:
+        """``data`` with ``min_superpixels`` raised to the CAST model's first pooling: the loader then
+        skips (and counts) the views such a model could not pool."""
+        from dataclasses import replace
+
+        from cast.models import PRESETS, cast_config
+
+        if self.model.name not in PRESETS:
+            return self.data
+        first = cast_config(self.model.name, **self.model_kwargs()).num_clusters[0]
+        return replace(self.data, min_superpixels=max(self.data.min_superpixels, first))
+
     def resolved_storage_path(self) -> str:
         """Ray needs an absolute local path or a URL."""
         return absolute(self.ray.storage_path)
@@ -245,6 +269,17 @@ def _check_model(name: str) -> None:
             f"model.name: {name!r} is not a registered timm model "
             f"(CAST ones: {', '.join(timm.list_models('cast_*'))})"
         )
+
+
+def _check_cast_arguments(name: str, kwargs: dict) -> None:
+    """A CAST variant's arguments (model.kwargs and the token budget data.max_superpixels) build a config."""
+    from cast.models import PRESETS, cast_config
+
+    if name in PRESETS:
+        try:
+            cast_config(name, **kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model.kwargs / data.max_superpixels: {e}") from e
 
 
 def _check_provider(data: DataConfig) -> None:

@@ -24,7 +24,7 @@ from cast.precision import autocast
 from cast.train.checkpoint import TrainState, checkpoint_name, retrying_upload, seed_everything
 from cast.train.config import TrainConfig
 from cast.train.metrics import MetricsWindow, Reporter
-from cast.train.objectives import build_objective
+from cast.train.objectives import build_objective, compile_encoders
 from cast.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from cast.train.validation import build_validation
 
@@ -53,11 +53,13 @@ class Trainer:
         if cfg.model.sync_bn and world_size > 1:
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         self.module = module.to(self.device)
+        if cfg.model.compile:
+            compile_encoders(self.module)
         self.model = ray.train.torch.prepare_model(self.module, move_to_device=False)
         self.objective.setup(self.module)
         self.global_batch = cfg.global_batch
         self.micro_batch, self.accum = cfg.batch_split(world_size)
-        self.data = dataclasses.replace(cfg.data, batch_size=self.micro_batch)
+        self.data = dataclasses.replace(cfg.training_data(), batch_size=self.micro_batch)
         self.peak_lr = scaled_lr(cfg.optim, self.global_batch)
         optimizer = build_optimizer(self.module, cfg.optim, self.peak_lr)
         self.state = TrainState(self.module, optimizer, self.objective, rank=rank, world_size=world_size,

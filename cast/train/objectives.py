@@ -186,7 +186,7 @@ class MoCoObjective(Objective):
     global batch; ``data.batch_size >= optim.global_batch / min workers`` keeps accumulation at 1."""
 
     def build(self) -> nn.Module:
-        encoder = timm.create_model(self.cfg.model.name, num_classes=0, **self.cfg.model.kwargs)
+        encoder = timm.create_model(self.cfg.model.name, num_classes=0, **self.cfg.model_kwargs())
         return MoCo(encoder, self.cfg.moco)
 
     def loss(self, model, batch, progress):
@@ -206,7 +206,7 @@ class SupervisedObjective(Objective):
 
     def build(self) -> nn.Module:
         return timm.create_model(
-            self.cfg.model.name, num_classes=self.cfg.supervised.num_classes, **self.cfg.model.kwargs
+            self.cfg.model.name, num_classes=self.cfg.supervised.num_classes, **self.cfg.model_kwargs()
         )
 
     def setup(self, module):
@@ -241,7 +241,7 @@ class LinearProbeObjective(Objective):
 
     def build(self) -> nn.Module:
         model = timm.create_model(self.cfg.model.name, num_classes=self.cfg.linear.num_classes,
-                                  **self.cfg.model.kwargs)
+                                  **self.cfg.model_kwargs())
         return prepare_linear_probe(model, self.pretrained)
 
     def train_mode(self, model):
@@ -251,6 +251,17 @@ class LinearProbeObjective(Objective):
         labels = batch["label"]
         logits = model(batch["images"][:, 0], batch["superpixels"][:, 0])
         return F.cross_entropy(logits.float(), labels), top1_correct(logits.detach(), labels)
+
+
+def compile_encoders(module: nn.Module) -> int:
+    """``torch.compile`` every CAST encoder inside ``module`` in place (``nn.Module.compile``: parameter
+    names and checkpoints stay as they are; the momentum update and losses stay eager). Returns the count."""
+    from cast.models import CAST
+
+    encoders = [m for m in module.modules() if isinstance(m, CAST)]
+    for encoder in encoders:
+        encoder.compile()
+    return len(encoders)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {
