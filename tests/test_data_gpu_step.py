@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 from cast.data import DataConfig, build_loader
+from cast.data.batches import to_device
+from cast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cast.superpixels.base import SuperpixelProvider, merge_to_budget
 from cast.train.config import ModelConfig
 from data_tools.make_shards import build_shards
@@ -57,7 +60,11 @@ def test_flat_images_are_skipped_counted_and_logged_and_the_epoch_goes_on(tmp_pa
     assert all(".tar" in m and "flat_" in m and "min_superpixels=8" in m for m in skipped)
     for batch in batches:
         maps = batch["superpixels"]
-        assert int(maps.max()) < 20
+        assert maps.dtype == torch.int16 and batch["images"].dtype == torch.uint8 and int(maps.max()) < 20
+        on_device = to_device(batch, "cpu")  # normalised and widened after the copy
+        assert on_device["superpixels"].dtype == torch.int64 and on_device["images"].dtype == torch.float32
+        reference = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(batch["images"].float() / 255)
+        torch.testing.assert_close(on_device["images"], reference)
         for view in maps.reshape(-1, 32, 32):
             assert torch.equal(view.unique(), torch.arange(int(view.max()) + 1))  # 0..K-1, no gaps
 
