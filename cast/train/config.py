@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from cast.config import ConfigError
 from cast.data.config import DataConfig
+from cast.precision import PRECISIONS
 from cast.storage import RetryPolicy, absolute, join
 
 OBJECTIVES = ("moco", "supervised", "linear")
@@ -25,6 +26,9 @@ class ModelConfig:
     # torch.compile the CAST encoders in place (state_dict keys unchanged); pays off with a token
     # budget (data.max_superpixels), which makes every shape static: one graph, no recompiles
     compile: bool = False
+    # autocast of the training step: auto = bf16 on CUDA GPUs with it, fp16 + GradScaler on those without
+    # (V100, T4), fp32 on CPU; bf16 | fp16 | fp32 force one (stated in the metrics: precision_*)
+    precision: str = "auto"
 
 
 @dataclass
@@ -165,6 +169,8 @@ class TrainConfig:
         _check_model(self.model.name)
         _check_cast_arguments(self.model.name, self.model_kwargs())
         _check_provider(self.data)
+        _check(self.model.precision in PRECISIONS, "model.precision", f"one of {PRECISIONS}",
+               self.model.precision)
         _check(self.optim.name in OPTIMIZERS, "optim.name", f"one of {OPTIMIZERS}", self.optim.name)
         for key, value in (
             ("optim.base_lr", self.optim.base_lr),
