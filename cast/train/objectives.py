@@ -59,8 +59,9 @@ def moco_momentum(epoch: float, epochs: int, cfg: MocoConfig) -> float:
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1.0 - cfg.momentum)
 
 
-def top1_correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
-    return int((logits.argmax(dim=1) == labels).sum())
+def top1_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Hits as a device tensor: read on the host only at report time (no sync per micro-batch)."""
+    return (logits.argmax(dim=1) == labels).sum()
 
 
 class MoCo(nn.Module):
@@ -143,7 +144,7 @@ def prepare_linear_probe(model: nn.Module, pretrained: str | dict) -> nn.Module:
 
 
 class Objective:
-    """One recipe's part of a training step. ``loss`` returns (loss, top-1 hits or -1 without labels);
+    """One recipe's part of a training step. ``loss`` returns (loss, top-1 hits or None without labels);
     ``progress`` is the fractional epoch the step trains in (schedules that follow training progress)."""
 
     def __init__(self, cfg: TrainConfig):
@@ -190,7 +191,7 @@ class MoCoObjective(Objective):
         return MoCo(encoder, self.cfg.moco)
 
     def loss(self, model, batch, progress):
-        return model(batch["images"], batch["superpixels"]), -1
+        return model(batch["images"], batch["superpixels"]), None
 
     def after_step(self, module, progress):
         module.update_momentum_encoder(moco_momentum(progress, self.cfg.schedule.epochs, self.cfg.moco))
