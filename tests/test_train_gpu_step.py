@@ -56,3 +56,16 @@ def test_a_run_in_fp16_with_a_token_budget_states_its_precision(ray_local, tmp_p
     assert 0 < result.metrics["grad_scale"] <= 2.0**16
     state = read_state(latest_checkpoint(str(tmp_path / "runs" / "fp16")))["model"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_compile_encoders_compiles_both_moco_encoders_in_place():
+    import timm
+
+    from cast.train.config import MocoConfig
+    from cast.train.objectives import MoCo, compile_encoders
+
+    moco = MoCo(timm.create_model("cast_tiny", num_classes=0), MocoConfig(dim=16, mlp_dim=32))
+    keys = list(moco.state_dict())
+    assert compile_encoders(moco) == 2
+    assert list(moco.state_dict()) == keys  # checkpoints keep their layout
+    assert moco.base_encoder._compiled_call_impl is not None and moco.predictor._compiled_call_impl is None
