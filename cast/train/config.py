@@ -248,7 +248,7 @@ class TrainConfig:
 
         if self.model.name not in PRESETS:
             return self.data
-        first = cast_config(self.model.name, **self.model_kwargs()).num_clusters[0]
+        first = cast_config(self.model.name, **_architecture(self.model_kwargs())).num_clusters[0]
         return replace(self.data, min_superpixels=max(self.data.min_superpixels, first))
 
     def resolved_storage_path(self) -> str:
@@ -277,13 +277,20 @@ def _check_model(name: str) -> None:
         )
 
 
+def _architecture(kwargs: dict) -> dict:
+    """The CASTConfig fields of ``timm.create_model`` keywords (placement and timm's own left out)."""
+    from cast.models.registry import NON_CONFIG_ARGS
+
+    return {k: v for k, v in kwargs.items() if k not in NON_CONFIG_ARGS}
+
+
 def _check_cast_arguments(name: str, kwargs: dict) -> None:
     """A CAST variant's arguments (model.kwargs and the token budget data.max_superpixels) build a config."""
     from cast.models import PRESETS, cast_config
 
     if name in PRESETS:
         try:
-            cast_config(name, **kwargs)
+            cast_config(name, **_architecture(kwargs))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model.kwargs / data.max_superpixels: {e}") from e
 
