@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install test lint bench bench-knn shards verify demo clean
+.PHONY: install test lint bench bench-gpu gpu-smoke bench-knn shards verify demo clean
 
 install: $(STAMP)
 
@@ -36,6 +36,15 @@ bench: install
 	$(PY) -m benchmarks.superpixels
 	$(PY) -m benchmarks.data
 	$(PY) -m benchmarks.dense
+
+# on a CUDA machine: CAST-S vs ViT-S/16 (bf16, eager and compiled), slic_torch, end-to-end MoCo step;
+# without a GPU both targets say so and exit 0
+bench-gpu: install
+	$(PY) -m benchmarks.gpu bench
+
+# two short `ray job submit` runs on the local GPUs (NCCL, SyncBN, bf16, slic_torch on CUDA, compile off/on)
+gpu-smoke: install
+	$(PY) -m benchmarks.gpu smoke
 
 # SEEDS vs seeds_fast: short MoCo runs of cast_tiny, kNN accuracy of each (about 20 min per seed on 2 cores)
 bench-knn: install

@@ -1,6 +1,9 @@
 """Data-path throughput, side by side in one run.
 
-    python -m benchmarks.data [--seconds 90] [--size 224] [--stream-samples 600]
+    python -m benchmarks.data [--seconds 90] [--size 224] [--stream-samples 600] [--bytes-only]
+
+Part 0, bytes per MoCo sample that cross the DataLoader and the host-to-device copy: the lean batch
+(uint8 images, int16 maps, normalised on the device) against the float32 / int64 it used to be.
 
 Part 1, samples/s per core for one MoCo two-view sample (JPEG decode, two augmented views,
 superpixels, tensor + normalise), one thread, all variants interleaved round by round on the
@@ -273,14 +276,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-samples", type=int, default=600)
     parser.add_argument("--streaming-only", action="store_true", help="run parts 2 and 3 only")
     parser.add_argument("--reader-only", action="store_true", help="run part 3 only")
+    parser.add_argument("--bytes-only", action="store_true", help="run part 0 only")
     args = parser.parse_args(argv)
 
     if not (args.streaming_only or args.reader_only):
+        report_batch_bytes(args.size)
+        if args.bytes_only:
+            return 0
         report_part_one(args.seconds, args.size)
     if not args.reader_only:
         report_part_two(args.stream_samples)
     report_part_three(args.stream_samples)
     return 0
+
+
+def batch_bytes(size: int, count: int = 16) -> dict[str, float]:
+    """Bytes per MoCo sample (two views + seeds_fast maps, token budget 196) as the loader ships it
+    now (uint8 images, int16 maps) and as it used to (normalised float32, int64: what ``to_device``
+    widens them to on the device), measured on a real batch of the photo shards."""
+    from cast.data.batches import to_device
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = photo_folder(Path(tmp), count)
+        build_photo_shards(src, f"{tmp}/shards", count)
+        cfg = DataConfig(shards=f"{tmp}/shards", recipe="moco", image_size=size, batch_size=count // 2,
+                         num_workers=0, superpixels="seeds_fast", max_superpixels=196)
+        batch = next(iter(build_loader(cfg, rank=0, world_size=1, epoch=0)))
+    wide = to_device(batch, "cpu")
+    samples = batch["images"].shape[0]
+    return {
+        "before": sum(wide[k].nbytes for k in ("images", "superpixels")) / samples,
+        "after": sum(batch[k].nbytes for k in ("images", "superpixels")) / samples,
+    }
+
+
+def report_batch_bytes(size: int, rate: float = 1000.0) -> None:
+    sizes = batch_bytes(size)
+    print(f"host->device bytes per MoCo sample at {size} px (images + superpixel maps, two views)")
+    for name, value in sizes.items():
+        label = "float32 images, int64 maps" if name == "before" else "uint8 images, int16 maps"
+        print(f"  {name:7s} {label:28s} {value / 2**20:6.2f} MiB  {value * rate / 1e9:5.2f} GB/s at "
+              f"{rate:.0f} samples/s")
+    print(f"  after / before: {sizes['after'] / sizes['before']:.3f}\n")
 
 
 def report_part_one(seconds: float, size: int) -> None:

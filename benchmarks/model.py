@@ -1,14 +1,17 @@
 """Training-step throughput of CAST-S against ViT-S/16 baselines, side by side in one run.
 
     python -m benchmarks.model                      # CPU: batch 8 at 224 px, 5 timed steps per model
-    python -m benchmarks.model --device cuda --batch 128 --iters 20   # bf16 autocast on a GPU
+    python -m benchmarks.model --compile            # + CAST-S and ViT-S/16 under torch.compile
+    python -m benchmarks.model --device cuda --batch 128 --iters 20 --compile   # bf16 autocast on a GPU
 
 Models: ``cast_small`` (stride-8 conv stem, 196 jittered-grid superpixels, 11 blocks + 4 graph poolings),
 timm's ``vit_small_patch16_224`` (patchify stem, 12 blocks) and ``vit_conv_small`` (the same conv stem at
 stride 16 and 11 blocks, MoCo-v3's baseline). One step = forward + backward of a cross-entropy loss; the
-models take turns every iteration so machine noise hits all of them alike. The CAST step is then split
-by timing its graph poolings and superpixel token pooling alone (forward + backward) on the inputs they
-received in the step, and by profiler ranges of the forward pass.
+models take turns every iteration so machine noise hits all of them alike. CAST-S runs with the token
+budget of its recipe (``--token-budget 196``: static shapes, no host sync; 0 = the batch's largest label).
+The CAST step is then split by timing its graph poolings and superpixel token pooling alone (forward +
+backward) on the inputs they received in the step, and by profiler ranges of the forward pass.
+Precision follows ``cast.precision``: bf16 autocast on GPUs with it (fp16 without), float32 on CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from contextlib import nullcontext
 
 import timm
 import torch
@@ -29,6 +31,7 @@ from cast.models.fps import sample_seeds
 from cast.models.positions import sincos_2d_table
 from cast.models.stem import ConvStem
 from cast.models.superpixel_tokens import superpixel_tokens
+from cast.precision import resolve
 
 
 class ConvStemViT(nn.Module):
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
+    parser.add_argument("--token-budget", type=int, default=196, help="CAST-S num_tokens (0 = dynamic)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd CAST-S and ViT-S")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -170,16 +175,20 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    precision = resolve(device)
+    autocast = precision.autocast
 
     torch.manual_seed(0)
+    budget = {"num_tokens": args.token_budget} if args.token_budget else {}
     models = {
-        "cast_small": timm.create_model("cast_small", img_size=args.size),
+        "cast_small": timm.create_model("cast_small", img_size=args.size, **budget),
         "vit_small_patch16_224": timm.create_model("vit_small_patch16_224", img_size=args.size),
         "vit_conv_small (conv stem /16)": ConvStemViT(args.size),
     }
     models = {name: m.to(device).train() for name, m in models.items()}
+    if args.compile:  # compiled twins sharing the weights; the compile happens in the warm-up step
+        models["cast_small (compiled)"] = torch.compile(models["cast_small"])
+        models["vit_small_patch16_224 (compiled)"] = torch.compile(models["vit_small_patch16_224"])
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
     superpixels = jittered_grid(args.batch, args.size).to(device)
     labels = torch.randint(0, 1000, (args.batch,), device=device)
@@ -201,8 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     medians = {name: statistics.median(t) for name, t in times.items()}
 
     print(
-        f"device={device} threads={torch.get_num_threads()} batch={args.batch} size={args.size} "
-        f"iters={args.iters} (median step, forward+backward)"
+        f"device={device} precision={precision.name} threads={torch.get_num_threads()} batch={args.batch} "
+        f"size={args.size} iters={args.iters} token_budget={args.token_budget} "
+        "(median step, forward+backward)"
     )
     cast_time = medians["cast_small"]
     for name, seconds in medians.items():
@@ -210,6 +220,12 @@ def main(argv: list[str] | None = None) -> None:
             f"  {name:32s} {seconds * 1e3:9.1f} ms/step  {args.batch / seconds:8.1f} img/s  "
             f"CAST-S/this = {cast_time / seconds:5.2f}x"
         )
+    vit = medians["vit_small_patch16_224"]
+    print(f"  CAST-S / ViT-S/16 eager: {cast_time / vit:.2f}x (goal <= 0.75 on CPU, <= 0.8 in bf16 on a GPU)")
+    if args.compile:
+        compiled = medians["cast_small (compiled)"]
+        print(f"  CAST-S compiled / eager: {compiled / cast_time:.2f}x (goal <= 0.9); compiled CAST-S / "
+              f"compiled ViT-S/16: {compiled / medians['vit_small_patch16_224 (compiled)']:.2f}x")
     parts = component_times(models["cast_small"], images, superpixels, autocast, device, max(args.iters, 2))
     print("CAST-S step split (components timed alone, forward+backward, same inputs):")
     print(
@@ -221,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         f"  superpixel token pooling          {parts['segment_ops'] * 1e3:8.1f} ms  "
         f"{100 * parts['segment_ops'] / cast_time:5.1f}% of the step"
     )
+    pooled = parts["graph_pool_train"] + parts["segment_ops"]
+    print(f"  graph pooling + segment ops       {100 * pooled / cast_time:5.1f}% of the step (goal <= 15%)")
     ranges = profile_forward_ranges(models["cast_small"], images, superpixels, labels, autocast, device)
     print("profiler ranges in one step (forward only; backward kernels are not attributed to ranges):")
     for name, seconds in sorted(ranges.items()):

@@ -69,7 +69,7 @@ def loader_throughput(shards: str, size: int, num_superpixels: int, batches: int
     provider and without superpixels (the floor), interleaved round by round; also returns the floor's
     views as uint8 for ``provider_cost``."""
     from cast.data import DataConfig, build_loader
-    from cast.data.transforms import denormalize
+    from cast.data.transforms import to_unit
     from cast.superpixels import get_provider
     from cast.superpixels.base import images_to_uint8_hwc
 
@@ -98,7 +98,7 @@ def loader_throughput(shards: str, size: int, num_superpixels: int, batches: int
                     break
                 samples += batch["images"].shape[0]
                 if not name and round_index == 0:
-                    views.extend(images_to_uint8_hwc(denormalize(batch["images"].flatten(0, 1))))
+                    views.extend(images_to_uint8_hwc(to_unit(batch["images"].flatten(0, 1))))
             cpu_rates[variant].append(samples / (time.process_time() - cpu))
             wall_rates[variant].append(samples / (time.perf_counter() - wall))
     rates = {

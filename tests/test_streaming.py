@@ -68,7 +68,7 @@ def test_exactly_once_over_s3_across_two_ranks_and_two_workers(tmp_path, s3_env)
     assert len(keys) == 80 and len(set(keys)) == 80  # every sample exactly once
     assert not set(_keys(ranks[0])) & set(_keys(ranks[1]))
     batch = ranks[0][0]
-    assert batch["images"].shape == (5, 1, 3, 32, 32) and batch["images"].dtype == torch.float32
+    assert batch["images"].shape == (5, 1, 3, 32, 32) and batch["images"].dtype == torch.uint8
     assert batch["label"].dtype == torch.int64
     for key, label in zip(batch["key"], batch["label"].tolist()):
         assert key.startswith(f"class_{label}/")  # labels travel with their image
@@ -271,7 +271,7 @@ def test_moco_batches_with_seeds_fast_superpixels(local_shards):
     batch = next(iter(loader))
     assert batch["images"].shape == (4, 2, 3, 64, 64)
     labels = batch["superpixels"]
-    assert labels.shape == (4, 2, 64, 64) and labels.dtype == torch.int64
+    assert labels.shape == (4, 2, 64, 64) and labels.dtype == torch.int32  # int16 with a token budget
     for view in labels.reshape(8, 64, 64):
         assert torch.equal(torch.unique(view), torch.arange(int(view.max()) + 1))  # 0..K-1, no gaps
     on_device = get_provider("slic_torch")

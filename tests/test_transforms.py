@@ -18,6 +18,7 @@ from cast.data.transforms import (
     SegmentationRecipe,
     _random_crop_box,
     build_recipe,
+    to_input,
 )
 
 
@@ -38,8 +39,12 @@ def test_views_and_tensors_follow_the_contract(name, photo):
     assert mask is None and len(views) == recipe.num_views == (2 if name == "moco" else 1)
     for view in views:
         assert view.shape == (48, 48, 3) and view.dtype == np.uint8
-        tensor = recipe.finish(view)
+        shipped = recipe.finish(view)  # uint8 crosses the DataLoader, except DeiT's (random erasing)
+        assert shipped.dtype == (torch.float32 if name == "supervised" else torch.uint8)
+        tensor = to_input(shipped)  # what to_device does on the device
         assert tensor.shape == (3, 48, 48) and tensor.dtype == torch.float32
+        if name != "supervised":
+            assert np.array_equal(shipped.permute(1, 2, 0).numpy(), view)
         low, high = (-6, 6) if name == "supervised" else (-2.2, 2.7)  # random erasing draws N(0, 1) pixels
         assert low < tensor.min() and tensor.max() < high  # ImageNet-normalised [0, 1] input
         assert tensor.std() > 0.1

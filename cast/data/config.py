@@ -19,6 +19,12 @@ class DataConfig:
     seed: int = 0
     superpixels: str = "seeds_fast"  # provider name for cast.superpixels.get_provider ("" = none)
     superpixel_params: dict = field(default_factory=dict)
+    # token budget per view (the model's num_tokens, static shapes): maps with more segments have their
+    # smallest merged into a neighbour (0 = no budget, the batch's largest label sets the token count)
+    max_superpixels: int = 0
+    # views with fewer segments are skipped and counted (training raises it to the first pooling's
+    # cluster count): an empty or flat image cannot be pooled
+    min_superpixels: int = 0
     prefetch_factor: int = 2
     # remote shards fetched whole, this many ahead of the one parsed (0 = stream in 1 MiB reads);
     # each reader (DataLoader worker) holds up to prefetch_shards + 1 shards in memory
@@ -43,6 +49,14 @@ class DataConfig:
         for name in ("image_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_superpixels", "min_superpixels"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.max_superpixels and self.min_superpixels > self.max_superpixels:
+            raise ValueError(
+                f"data.min_superpixels ({self.min_superpixels}) exceeds data.max_superpixels "
+                f"({self.max_superpixels})"
+            )
         if self.num_workers < 0 or self.shuffle_buffer < 0 or self.prefetch_shards < 0 or self.partitions < 0:
             raise ValueError(
                 "data.num_workers, data.shuffle_buffer, data.prefetch_shards and data.partitions must be >= 0"

@@ -24,8 +24,10 @@ epoch on exactly the samples it has not consumed yet (the idea of MosaicML Strea
   readers directly; fewer shards than readers is an error there): every sample exactly once, the last
   batch of a reader may be short, and batch counts may differ between ranks.
 
-Batches follow the contract (``images`` [B,V,3,H,W] float32, ``superpixels`` [B,V,H,W] int64 for
-CPU providers, ``label`` [B], ``mask`` [B,H,W] for segmentation, ``key``) plus ``stats``: the
+Batches follow the contract (``images`` [B,V,3,H,W] uint8, normalised on the device by
+``cast.data.batches.to_device``, or already normalised float32 for the supervised recipe;
+``superpixels`` [B,V,H,W] int16 with a token budget, else int32, for CPU providers; ``label`` [B],
+``mask`` [B,H,W] for segmentation, ``key``) plus ``stats``: the
 skip counters this batch's worker gathered since its previous batch, and ``skipped``: their
 messages (shard URL, sample key, reason), which the loader logs in the main process and sums
 into ``loader.counters``.
@@ -45,6 +47,7 @@ from cast.data.config import DataConfig
 from cast.data.samples import LABEL_KEY, MASK_KEY, decode_image, decode_label, decode_mask, image_key
 from cast.data.shards import Counters, Manifest, Shard, iter_shards, list_shards
 from cast.data.transforms import Recipe, build_recipe
+from cast.superpixels.base import merge_to_budget, relabel_contiguous
 
 log = logging.getLogger(__name__)
 
@@ -351,12 +354,41 @@ class ShardStream(IterableDataset):
             "key": sample["__key__"],
         }
         if self.provider is not None and not self.provider.on_device:
-            out["superpixels"] = torch.stack(
-                [torch.from_numpy(np.asarray(self.provider(view), dtype=np.int64)) for view in views]
-            )
+            maps = self._superpixels(views, sample, counters)
+            if maps is None:
+                return None
+            out["superpixels"] = maps
         if mask_t is not None:
             out["mask"] = mask_t
         return out
+
+    def _superpixels(self, views: list[np.ndarray], sample: dict, counters: Counters) -> torch.Tensor | None:
+        """The views' maps within the token budget (``max_superpixels``: the smallest segments merged,
+        counted as ``superpixels_merged``); None, counted as ``too_few_superpixels`` and logged, when a
+        view has fewer than ``min_superpixels`` segments (an empty or flat image), which no forward
+        with a fixed first pooling could take."""
+        budget, fewest = self.cfg.max_superpixels, self.cfg.min_superpixels
+        dtype = np.int16 if 0 < budget <= 2**15 else np.int32  # one dtype per run, whatever the map
+        maps = []
+        for index, view in enumerate(views):
+            labels = relabel_contiguous(np.asarray(self.provider(view)))
+            if budget:
+                labels, merged = merge_to_budget(labels, budget)
+                if merged:
+                    counters.record("superpixels_merged")
+            count = int(labels.max()) + 1 if labels.size else 0
+            if count < fewest:
+                key = sample["__key__"]
+                if key not in self._reported:
+                    self._reported.add(key)
+                    counters.record(
+                        "too_few_superpixels",
+                        f"{sample['__url__']}: sample {key} view {index} has {count} superpixels, fewer "
+                        f"than data.min_superpixels={fewest} (the first pooling's clusters); skipped",
+                    )
+                return None
+            maps.append(torch.from_numpy(labels.astype(dtype)))
+        return torch.stack(maps)
 
     @staticmethod
     def _collate(batch: list[dict]) -> dict:
@@ -385,7 +417,8 @@ class ShardLoader:
         self.stream = stream
         self.counters = Counters()
         self.consumed = 0  # batches this rank took from the loader
-        kwargs = {"num_workers": cfg.num_workers, "batch_size": None, "pin_memory": False}
+        # pinned pages make the to_device copies asynchronous (non_blocking) on CUDA
+        kwargs = {"num_workers": cfg.num_workers, "batch_size": None, "pin_memory": torch.cuda.is_available()}
         if cfg.num_workers > 0:
             kwargs.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
         self.loader = DataLoader(stream, **kwargs)

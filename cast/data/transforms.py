@@ -1,9 +1,13 @@
 """Recipe transforms, split in two so superpixels see the augmented uint8 view.
 
 Each recipe is an ``augment`` step (decoded PIL image -> list of uint8 HWC views, plus the mask
-for segmentation) and a ``finish`` step (uint8 view -> normalised float tensor). The loader runs
+for segmentation) and a ``finish`` step (uint8 view -> the tensor a batch carries). The loader runs
 the superpixel provider between the two, as the original computed SEEDS on the augmented view
 before normalisation (``cast_reference.md`` §5).
+
+``finish`` keeps uint8 ``[3, H, W]`` wherever the recipe ends in plain normalisation: a quarter of
+the float32 bytes cross the DataLoader and the host-to-device copy, and ``to_input`` normalises on
+the device. Only DeiT's recipe hands over normalised float32 (random erasing draws float pixels).
 """
 
 from __future__ import annotations
@@ -42,6 +46,19 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() * std + mean).clamp(0, 1)
 
 
+def to_input(images: torch.Tensor) -> torch.Tensor:
+    """A batch's images as the models take them: uint8 ones normalised here (on their device),
+    float ones (already normalised by their recipe) unchanged."""
+    if images.dtype == torch.uint8:
+        return normalize(images.float().div_(255))
+    return images
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """A batch's images in [0, 1] (what on-device superpixel providers take), uint8 or normalised."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else denormalize(images)
+
+
 def views_to_input(views: np.ndarray) -> torch.Tensor:
     """uint8 views ``[B, H, W, 3]`` -> normalised float ``[B, 3, H, W]``."""
     return normalize(torch.from_numpy(views).permute(0, 3, 1, 2).float() / 255)
@@ -75,14 +92,14 @@ def _to_uint8(image: Image.Image) -> np.ndarray:
 
 
 class Recipe:
-    """``augment(image, mask) -> (views_uint8, mask)`` then ``finish(view_uint8) -> float tensor``."""
+    """``augment(image, mask) -> (views_uint8, mask)`` then ``finish(view_uint8) -> tensor``: uint8
+    [3, H, W], normalised later by ``to_input``, unless the recipe overrides it."""
 
     num_views = 1
     needs_mask = False  # segmentation recipes read seg.png with the image and need no cls label
 
     def __init__(self, size: int):
         self.size = size
-        self.normalise = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def augment(
         self, image: Image.Image, mask: Image.Image | None = None
@@ -90,7 +107,7 @@ class Recipe:
         raise NotImplementedError
 
     def finish(self, view: np.ndarray) -> torch.Tensor:
-        return self.normalise(view)
+        return torch.from_numpy(view).permute(2, 0, 1).contiguous()
 
 
 class MocoRecipe(Recipe):

@@ -48,6 +48,7 @@ PRESETS: dict[str, dict] = {
 }
 
 _TIMM_ONLY_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+NON_CONFIG_ARGS = ("device", "dtype", *_TIMM_ONLY_ARGS)  # create_model keywords that are no CASTConfig field
 _CONFIG_FIELDS = {f.name for f in fields(CASTConfig)}
 
 

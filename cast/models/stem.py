@@ -38,4 +38,6 @@ class ConvStem(nn.Module):
             raise ValueError(
                 f"ConvStem: image size {height}x{width} must be divisible by the stem stride {self.stride}"
             )
+        if images.is_cuda:  # NHWC convolutions (tensor cores in bf16/fp16), and the permute below is free
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.proj(images).permute(0, 2, 3, 1)

@@ -87,3 +87,36 @@ def relabel_contiguous_batch(labels: torch.Tensor, num_labels: int) -> torch.Ten
     present.scatter_(1, flat, 1)
     new_ids = present.cumsum(1) - 1
     return new_ids.gather(1, flat).reshape(labels.shape)
+
+
+def merge_to_budget(labels: np.ndarray, budget: int) -> tuple[np.ndarray, int]:
+    """At most ``budget`` contiguous labels: the smallest segment joins the neighbour it shares the
+    longest border with, until the count fits. Returns (labels 0..K-1, segments merged away).
+
+    Why: the model's token budget is fixed (static shapes); SEEDS now and then returns a few more
+    segments than it was asked for, and merging the smallest keeps the rest of the map as it was.
+    """
+    labels = relabel_contiguous(labels)
+    count = int(labels.max()) + 1 if labels.size else 0
+    if count <= budget:
+        return labels, 0
+    pairs = np.concatenate([
+        np.stack([labels[:, :-1].ravel(), labels[:, 1:].ravel()], 1),
+        np.stack([labels[:-1, :].ravel(), labels[1:, :].ravel()], 1),
+    ])
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    pairs.sort(axis=1)
+    edges, border = np.unique(pairs, axis=0, return_counts=True)
+    owner = np.arange(count)  # current segment of every original label
+    sizes = np.bincount(labels.ravel(), minlength=count).astype(np.int64)
+    for _ in range(count - budget):
+        alive = np.flatnonzero(sizes)
+        small = alive[np.argmin(sizes[alive])]
+        ends = owner[edges]
+        touching = (ends == small).any(1) & (ends[:, 0] != ends[:, 1])
+        other = np.where(ends[touching, 0] == small, ends[touching, 1], ends[touching, 0])
+        target = np.bincount(other, weights=border[touching], minlength=count).argmax()
+        owner[owner == small] = target
+        sizes[target] += sizes[small]
+        sizes[small] = 0
+    return relabel_contiguous(owner[labels]), count - budget

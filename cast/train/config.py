@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from cast.config import ConfigError
 from cast.data.config import DataConfig
+from cast.precision import PRECISIONS
 from cast.storage import RetryPolicy, absolute, join
 
 OBJECTIVES = ("moco", "supervised", "linear", "segmentation")
@@ -23,6 +24,12 @@ class ModelConfig:
     kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (e.g. img_size, drop_path_rate)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm (the MoCo reference does)
     freeze_bn: bool = False  # keep every BatchNorm in eval mode (running stats, no batch stats)
+    # torch.compile the CAST encoders in place (state_dict keys unchanged); pays off with a token
+    # budget (data.max_superpixels), which makes every shape static: one graph, no recompiles
+    compile: bool = False
+    # autocast of the training step: auto = bf16 on CUDA GPUs with it, fp16 + GradScaler on those without
+    # (V100, T4), fp32 on CPU; bf16 | fp16 | fp32 force one (stated in the metrics: precision_*)
+    precision: str = "auto"
 
 
 @dataclass
@@ -190,7 +197,10 @@ class TrainConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from e
         _check_model(self.model.name)
+        _check_cast_arguments(self.model.name, self.model_kwargs())
         _check_provider(self.data)
+        _check(self.model.precision in PRECISIONS, "model.precision", f"one of {PRECISIONS}",
+               self.model.precision)
         _check(self.optim.name in OPTIMIZERS, "optim.name", f"one of {OPTIMIZERS}", self.optim.name)
         for key, value in (
             ("optim.base_lr", self.optim.base_lr),
@@ -268,6 +278,26 @@ class TrainConfig:
             _check(bool(self.linear.pretrained), "linear.pretrained", "a pretrained checkpoint path", "")
             _check(self.optim.name == "sgd", "optim.name", "'sgd' for the linear probe", self.optim.name)
 
+    def model_kwargs(self) -> dict:
+        """``timm.create_model`` keywords: ``model.kwargs`` plus, for CAST, the token budget
+        ``data.max_superpixels`` as ``num_tokens`` (static shapes), unless the kwargs set it."""
+        kwargs = dict(self.model.kwargs)
+        if self.data.max_superpixels and self.model.name.startswith("cast_"):
+            kwargs.setdefault("num_tokens", self.data.max_superpixels)
+        return kwargs
+
+    def training_data(self) -> DataConfig:
+        """``data`` with ``min_superpixels`` raised to the CAST model's first pooling: the loader then
+        skips (and counts) the views such a model could not pool."""
+        from dataclasses import replace
+
+        from cast.models import PRESETS, cast_config
+
+        if self.model.name not in PRESETS:
+            return self.data
+        first = cast_config(self.model.name, **_architecture(self.model_kwargs())).num_clusters[0]
+        return replace(self.data, min_superpixels=max(self.data.min_superpixels, first))
+
     def resolved_storage_path(self) -> str:
         """Ray needs an absolute local path or a URL."""
         return absolute(self.ray.storage_path)
@@ -292,6 +322,24 @@ def _check_model(name: str) -> None:
             f"model.name: {name!r} is not a registered timm model "
             f"(CAST ones: {', '.join(timm.list_models('cast_*'))})"
         )
+
+
+def _architecture(kwargs: dict) -> dict:
+    """The CASTConfig fields of ``timm.create_model`` keywords (placement and timm's own left out)."""
+    from cast.models.registry import NON_CONFIG_ARGS
+
+    return {k: v for k, v in kwargs.items() if k not in NON_CONFIG_ARGS}
+
+
+def _check_cast_arguments(name: str, kwargs: dict) -> None:
+    """A CAST variant's arguments (model.kwargs and the token budget data.max_superpixels) build a config."""
+    from cast.models import PRESETS, cast_config
+
+    if name in PRESETS:
+        try:
+            cast_config(name, **_architecture(kwargs))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model.kwargs / data.max_superpixels: {e}") from e
 
 
 def _check_provider(data: DataConfig) -> None:

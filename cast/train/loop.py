@@ -20,11 +20,11 @@ from cast.config import dump_config
 from cast.data import build_loader, list_shards
 from cast.data.batches import to_device
 from cast.data.reader import epoch_samples
-from cast.precision import autocast
+from cast.precision import resolve
 from cast.train.checkpoint import TrainState, checkpoint_name, retrying_upload, seed_everything
 from cast.train.config import TrainConfig
 from cast.train.metrics import MetricsWindow, Reporter
-from cast.train.objectives import build_objective
+from cast.train.objectives import build_objective, compile_encoders
 from cast.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from cast.train.validation import BestCheckpoint, build_validation
 
@@ -53,11 +53,18 @@ class Trainer:
         if cfg.model.sync_bn and world_size > 1:
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         self.module = module.to(self.device)
+        if cfg.model.compile:
+            compile_encoders(self.module)
+        self.precision = resolve(self.device, cfg.model.precision)
+        self.scaler = self.precision.grad_scaler()  # loss scaling for fp16, a pass-through otherwise
+        if rank == 0:
+            print(f"[cast-train] precision {self.precision.name} on {self.device.type}"
+                  f"{', model compiled' if cfg.model.compile else ''}", flush=True)
         self.model = ray.train.torch.prepare_model(self.module, move_to_device=False)
         self.objective.setup(self.module)
         self.global_batch = cfg.global_batch
         self.micro_batch, self.accum = cfg.batch_split(world_size)
-        self.data = dataclasses.replace(cfg.data, batch_size=self.micro_batch)
+        self.data = dataclasses.replace(cfg.training_data(), batch_size=self.micro_batch)
         self.peak_lr = scaled_lr(cfg.optim, self.global_batch)
         groups = self.objective.param_groups(self.module)
         optimizer = build_optimizer(self.module, cfg.optim, self.peak_lr, groups)
@@ -141,14 +148,16 @@ class Trainer:
             sync = self.model.no_sync() if defer else contextlib.nullcontext()
             with sync:
                 on_device = to_device(batch, self.device, self.provider)
-                with autocast(self.device):
+                with self.precision.autocast():
                     loss, correct = self.objective.loss(self.model, on_device, progress)
-                (loss / accum).backward()
+                self.scaler.scale(loss / accum).backward()
             window.add(loss.detach(), batch["images"].shape[0], correct)
             keys += batch["key"]
         if cfg.optim.clip_grad_norm > 0:
+            self.scaler.unscale_(optimizer)  # clip the true gradients
             nn.utils.clip_grad_norm_(self.module.parameters(), cfg.optim.clip_grad_norm)
-        optimizer.step()
+        self.scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
+        self.scaler.update()
         position.samples_seen += self.global_batch
         self.objective.after_step(self.module, self.epoch_progress())
         if self.sample_log is not None:
@@ -168,6 +177,8 @@ class Trainer:
             "step": position.step,
             "epoch": position.epoch,
             "epoch_progress": self.epoch_progress(),
+            **self.precision.metrics(),
+            **({"grad_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}),
         })
         folder = self.state.save() if with_checkpoint else None
         if best and folder is not None:  # rank 0 holds the folder

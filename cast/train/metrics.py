@@ -36,20 +36,22 @@ class MetricsWindow:
         self.lr = 0.0
         self.classify = False
 
-    def add(self, loss: torch.Tensor, images: int, correct: int) -> None:
+    def add(self, loss: torch.Tensor, images: int, correct: torch.Tensor | None) -> None:
+        """Device tensors are summed on the device; the host reads them once, in ``summary``."""
         self.loss_sum = loss.float() if self.loss_sum is None else self.loss_sum + loss.float()
         self.batches += 1
         self.images += images
-        if correct >= 0:  # -1: the objective has no labels to score
+        if correct is not None:  # None: the objective has no labels to score
             self.classify = True
-            self.correct += correct
+            self.correct = correct + self.correct
 
     def summary(self, device: torch.device) -> dict:
         """Loss, lr, throughput and data wait over all workers (a collective: every rank calls it)."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         loss = float(self.loss_sum) if self.loss_sum is not None else 0.0
         totals = all_reduce_sum(
-            torch.tensor([loss, self.batches, self.images, self.correct], dtype=torch.float64, device=device)
+            torch.tensor([loss, self.batches, self.images, float(self.correct)], dtype=torch.float64,
+                         device=device)
         )
         loss_sum, batches, images, correct = totals.tolist()
         summary = {

@@ -60,8 +60,9 @@ def moco_momentum(epoch: float, epochs: int, cfg: MocoConfig) -> float:
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1.0 - cfg.momentum)
 
 
-def top1_correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
-    return int((logits.argmax(dim=1) == labels).sum())
+def top1_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Hits as a device tensor: read on the host only at report time (no sync per micro-batch)."""
+    return (logits.argmax(dim=1) == labels).sum()
 
 
 class MoCo(nn.Module):
@@ -144,7 +145,7 @@ def prepare_linear_probe(model: nn.Module, pretrained: str | dict) -> nn.Module:
 
 
 class Objective:
-    """One recipe's part of a training step. ``loss`` returns (loss, top-1 hits or -1 without labels);
+    """One recipe's part of a training step. ``loss`` returns (loss, top-1 hits or None without labels);
     ``progress`` is the fractional epoch the step trains in (schedules that follow training progress)."""
 
     def __init__(self, cfg: TrainConfig):
@@ -191,11 +192,11 @@ class MoCoObjective(Objective):
     global batch; ``data.batch_size >= optim.global_batch / min workers`` keeps accumulation at 1."""
 
     def build(self) -> nn.Module:
-        encoder = timm.create_model(self.cfg.model.name, num_classes=0, **self.cfg.model.kwargs)
+        encoder = timm.create_model(self.cfg.model.name, num_classes=0, **self.cfg.model_kwargs())
         return MoCo(encoder, self.cfg.moco)
 
     def loss(self, model, batch, progress):
-        return model(batch["images"], batch["superpixels"]), -1
+        return model(batch["images"], batch["superpixels"]), None
 
     def after_step(self, module, progress):
         module.update_momentum_encoder(moco_momentum(progress, self.cfg.schedule.epochs, self.cfg.moco))
@@ -211,7 +212,7 @@ class SupervisedObjective(Objective):
 
     def build(self) -> nn.Module:
         return timm.create_model(
-            self.cfg.model.name, num_classes=self.cfg.supervised.num_classes, **self.cfg.model.kwargs
+            self.cfg.model.name, num_classes=self.cfg.supervised.num_classes, **self.cfg.model_kwargs()
         )
 
     def setup(self, module):
@@ -246,7 +247,7 @@ class LinearProbeObjective(Objective):
 
     def build(self) -> nn.Module:
         model = timm.create_model(self.cfg.model.name, num_classes=self.cfg.linear.num_classes,
-                                  **self.cfg.model.kwargs)
+                                  **self.cfg.model_kwargs())
         return prepare_linear_probe(model, self.pretrained)
 
     def train_mode(self, model):
@@ -312,6 +313,15 @@ class SegmentationObjective(Objective):
             logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits.float(), masks, ignore_index=self.cfg.segmentation.ignore_index)
         return loss, -1
+def compile_encoders(module: nn.Module) -> int:
+    """``torch.compile`` every CAST encoder inside ``module`` in place (``nn.Module.compile``: parameter
+    names and checkpoints stay as they are; the momentum update and losses stay eager). Returns the count."""
+    from cast.models import CAST
+
+    encoders = [m for m in module.modules() if isinstance(m, CAST)]
+    for encoder in encoders:
+        encoder.compile()
+    return len(encoders)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {

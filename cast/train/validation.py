@@ -61,7 +61,8 @@ class LinearProbeValidation(Validation):
             logits = module(batch["images"][:, 0], batch["superpixels"][:, 0])
             correct += top1_correct(logits, batch["label"])
             total += logits.shape[0]
-        counts = all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64, device=self.device))
+        totals = torch.tensor([float(correct), total], dtype=torch.float64, device=self.device)
+        counts = all_reduce_sum(totals)
         return {"val_top1": float(counts[0] / counts[1].clamp_min(1)) * 100.0}
 
     def finish(self, metrics):
