@@ -23,6 +23,7 @@ from cast.data.reader import epoch_samples
 from cast.precision import autocast
 from cast.train.checkpoint import TrainState, checkpoint_name, retrying_upload, seed_everything
 from cast.train.config import TrainConfig
+from cast.train.distributed import gather_objects
 from cast.train.metrics import MetricsWindow, Reporter
 from cast.train.objectives import build_objective
 from cast.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
@@ -83,7 +84,7 @@ class Trainer:
         if cfg.logging.sample_log:
             os.makedirs(cfg.logging.sample_log, exist_ok=True)
             self.sample_log = open(os.path.join(cfg.logging.sample_log, f"rank{rank}.jsonl"), "a")  # noqa: SIM115
-        self.started = time.time()
+        self.started = gather_objects(time.time())[0]  # rank 0's: one id for this worker group
         self.reporter = Reporter(cfg.run_folder(), rank=rank, device=self.device,
                                  tensorboard=cfg.logging.tensorboard, retry=cfg.checkpoint.retry)
         self.validation = build_validation(cfg, self.objective, rank=rank, world_size=world_size,
