@@ -134,20 +134,27 @@ def test_linear_probe_writes_its_top1_beside_the_pretrained_checkpoint(shards, t
     assert beside_run["run"] == str(tmp_path / "probe")
 
 
-def test_asha_sweep_writes_a_usable_best_config(ray_local, shards, tmp_path, monkeypatch):
+def test_asha_sweep_ranks_by_knn_and_writes_the_base_recipe_plus_the_swept_values(
+        ray_local, shards, tmp_path, monkeypatch):
     monkeypatch.chdir(CONFIGS.parents[1])
+    make_imagefolder(tmp_path / "held_out", num_classes=2, per_class=2, size=64, seed=1)
+    query = str(tmp_path / "query")
+    build_shards(str(tmp_path / "held_out"), query, "imagefolder", max_count=4, progress=False)
     sweep = load_config(
         SweepConfig,
         str(CONFIGS / "sweep_moco_tiny.yaml"),
-        [f"storage_path={tmp_path}", "name=sweep", "asha={max_t: 4, grace_period: 1, reduction_factor: 2}"],
+        [f"storage_path={tmp_path}", "name=sweep", "asha={max_t: 2, grace_period: 1, reduction_factor: 2}"],
     )
     sweep.overrides = [
         f"data.shards={shards}",
+        f"knn.bank_shards={shards}",
+        f"knn.query_shards={query}",
+        "knn.k=3",
         "ray.num_workers=1",
         "data.batch_size=4",
         "schedule.epochs=2",
         "checkpoint.every_steps=0",
-        "logging.every_steps=1",
+        "logging.every_steps=1000000",
         "logging.tensorboard=false",
         "ray.max_failures=0",
         "ray.resources_per_worker={CPU: 0.45}",
@@ -155,10 +162,20 @@ def test_asha_sweep_writes_a_usable_best_config(ray_local, shards, tmp_path, mon
     results, best = run_sweep(sweep)
     assert len(results) == 4
     assert all(r.error is None for r in results)
-    assert all("loss" in r.metrics for r in results)
-    cfg = load_config(TrainConfig, best)
+    assert all(0 <= r.metrics["knn_top1"] <= 100 for r in results)
+    best_result = results.get_best_result(metric="knn_top1", mode="max", scope="last")
+    cfg = load_config(TrainConfig, best, [f"data.shards={shards}"])
     cfg.validate()
-    best_result = results.get_best_result(metric="loss", mode="min", scope="last")
     assert cfg.optim.base_lr == pytest.approx(best_result.config["optim.base_lr"])
     assert cfg.moco.temperature == best_result.config["moco.temperature"]
-    assert cfg.ray.name == "" and cfg.data.shards == shards
+    tiny = load_config(TrainConfig, str(CONFIGS / "moco_cast_tiny.yaml"))
+    # the base recipe's run, not the sweep's short one: its epochs, workers, batch; no kNN sets
+    assert (cfg.schedule.epochs, cfg.ray.num_workers, cfg.data.batch_size, cfg.checkpoint.every_steps) == (
+        tiny.schedule.epochs, tiny.ray.num_workers, tiny.data.batch_size, tiny.checkpoint.every_steps)
+    assert cfg.ray.name == "" and cfg.knn.bank_shards == ""
+    assert cfg.logging.every_steps == tiny.logging.every_steps
+
+    # the same sweep again (as after its driver died) restores it: the finished trials are not rerun
+    again, _ = run_sweep(sweep)
+    assert sorted((r.path, r.metrics["knn_top1"]) for r in again) == sorted(
+        (r.path, r.metrics["knn_top1"]) for r in results)

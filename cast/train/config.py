@@ -76,6 +76,18 @@ class LinearConfig:
 
 
 @dataclass
+class KnnConfig:
+    """kNN top-1 of the encoder being trained, at epoch ends: a quality figure that compares runs (the
+    contrastive loss scales with its temperature), e.g. the Tune metric ``knn_top1`` of a sweep."""
+
+    bank_shards: str = ""  # labelled shards whose features are the kNN memory ("" = off)
+    query_shards: str = ""  # held-out labelled shards classified against it
+    k: int = 20
+    temperature: float = 0.07
+    every_epochs: int = 1  # and always after the last epoch
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = 0  # also checkpoint every N optimizer steps (0 = epoch ends only)
     keep: int = 3  # newest checkpoints kept in storage
@@ -118,6 +130,7 @@ class TrainConfig:
     moco: MocoConfig = field(default_factory=MocoConfig)
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -217,6 +230,11 @@ class TrainConfig:
                 self.supervised.num_classes if self.objective == "supervised" else self.linear.num_classes
             )
             _check(classes > 0, f"{self.objective}.num_classes", "> 0", classes)
+        if self.knn.bank_shards or self.knn.query_shards:
+            _check(bool(self.knn.bank_shards and self.knn.query_shards), "knn.query_shards",
+                   "both knn.bank_shards and knn.query_shards", self.knn.query_shards)
+            _check(self.knn.k > 0, "knn.k", "> 0", self.knn.k)
+            _check(self.knn.every_epochs > 0, "knn.every_epochs", "> 0", self.knn.every_epochs)
         if self.objective == "linear":
             _check(bool(self.linear.pretrained), "linear.pretrained", "a pretrained checkpoint path", "")
             _check(self.optim.name == "sgd", "optim.name", "'sgd' for the linear probe", self.optim.name)

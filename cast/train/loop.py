@@ -112,7 +112,8 @@ class Trainer:
                     position.remaining = loader.remaining()
                     self._report(window, loader, with_checkpoint=checkpoint_due)
                     window = MetricsWindow()
-            extra = self.validation.evaluate(self.module) if self.validation is not None else {}
+            validate = self.validation is not None and self.validation.due(position.epoch + 1)
+            extra = self.validation.evaluate(self.module) if validate else {}
             if self.validation is not None and position.epoch + 1 == cfg.schedule.epochs:
                 self.validation.finish(extra)  # before the last report: a restart redoes both
             position.epoch, position.remaining = position.epoch + 1, None

@@ -1,13 +1,13 @@
 """Evaluation during training: figures computed at epoch ends and reported with that epoch's metrics.
 
 A ``Validation`` scores the module being trained on a held-out shard set (every sample once, each rank
-its share) and may write a result file when training ends. The linear probe's validation top-1 is the
-one recipe that has it today.
+its share) and may write a result file when training ends. The linear probe's validation top-1 and the
+kNN top-1 of any encoder (``knn.*``) are the two.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -15,8 +15,10 @@ from torch import nn
 from cast.artifacts import report_url, write_report
 from cast.data import build_loader
 from cast.data.batches import to_device
+from cast.eval.features import extract_features
+from cast.eval.knn import knn_accuracy
 from cast.train.config import TrainConfig
-from cast.train.distributed import all_reduce_sum
+from cast.train.distributed import all_reduce_sum, gather_objects
 from cast.train.objectives import top1_correct
 
 
@@ -24,6 +26,10 @@ class Validation:
     def evaluate(self, module: nn.Module) -> dict:
         """Metrics of ``module`` (every rank calls it: the figures are summed over ranks)."""
         raise NotImplementedError
+
+    def due(self, epochs_done: int) -> bool:
+        """Whether to evaluate after ``epochs_done`` epochs (the last one always is)."""
+        return True
 
     def finish(self, metrics: dict) -> None:
         """After the last epoch's ``evaluate`` (rank 0, before the final report: a restart redoes both)."""
@@ -37,8 +43,8 @@ class LinearProbeValidation(Validation):
                  device: torch.device, provider):
         self.cfg, self.pretrained = cfg, pretrained
         self.rank, self.world_size, self.device, self.provider = rank, world_size, device, provider
-        self.data = dataclasses.replace(cfg.data, shards=cfg.linear.val_shards, recipe="linear_eval",
-                                        shuffle=False, drop_remainder=False)
+        self.data = replace(cfg.data, shards=cfg.linear.val_shards, recipe="linear_eval", shuffle=False,
+                            drop_remainder=False)
 
     @torch.no_grad()
     def evaluate(self, module):
@@ -73,7 +79,40 @@ class LinearProbeValidation(Validation):
             print(f"[cast-train] linear probe val top-1 {metrics['val_top1']:.2f}: {url}", flush=True)
 
 
+class KnnValidation(Validation):
+    """kNN top-1 (``knn_top1``, %) of the encoder's embeddings: ``knn.query_shards`` against the memory
+    of ``knn.bank_shards``. Each rank embeds its share of both, every rank gathers all of them (small
+    held-out sets) and scores them alike, so the reported figure needs no further reduction."""
+
+    def __init__(self, cfg: TrainConfig, *, rank: int, world_size: int, device: torch.device, provider):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device, self.provider = device, provider
+
+    def due(self, epochs_done):
+        return epochs_done % self.cfg.knn.every_epochs == 0 or epochs_done == self.cfg.schedule.epochs
+
+    def _features(self, encoder: nn.Module, shards: str):
+        data = replace(self.cfg.data, shards=shards, recipe="eval", shuffle=False, drop_remainder=False)
+        loader = build_loader(data, rank=self.rank, world_size=self.world_size, epoch=0,
+                              provider=self.provider)
+        local = extract_features(encoder, loader, device=self.device, provider=self.provider, progress=False)
+        parts = gather_objects((local.embeddings, local.labels))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    @torch.no_grad()
+    def evaluate(self, module):
+        encoder = getattr(module, "base_encoder", module)  # MoCo: the query encoder, as evaluation does
+        bank, bank_labels = self._features(encoder, self.cfg.knn.bank_shards)
+        queries, labels = self._features(encoder, self.cfg.knn.query_shards)
+        classes = int(max(bank_labels.max(), labels.max())) + 1
+        result = knn_accuracy(bank, bank_labels, queries, labels, classes, k=self.cfg.knn.k,
+                              temperature=self.cfg.knn.temperature)
+        return {"knn_top1": result["top1"]}
+
+
 def build_validation(cfg: TrainConfig, objective, **context) -> Validation | None:
     if cfg.objective == "linear" and cfg.linear.val_shards:
         return LinearProbeValidation(cfg, objective.pretrained, **context)
+    if cfg.knn.bank_shards:
+        return KnnValidation(cfg, **context)
     return None
