@@ -61,27 +61,32 @@ def _supervised(shards, storage, name, workers, batch):
     return load_config(TrainConfig, str(CONFIGS / "supervised_cast_tiny.yaml"), overrides)
 
 
-def test_two_workers_match_one_worker_with_twice_the_batch(ray_local, shards, tmp_path):
-    """DDP averages gradients: 2 x b must give 1 x 2b's weights (no dropout, BN frozen, same samples, SGD)."""
+def test_two_workers_and_accumulation_match_one_worker_with_the_whole_batch(ray_local, shards, tmp_path):
+    """DDP averages gradients and accumulation sums micro-batches: 2 workers x 4 and 1 worker x 2
+    micro-batches of 4 must give 1 x 8's weights (no dropout, BN frozen, same samples, SGD)."""
     states = {}
-    for workers, batch in ((2, 4), (1, 8)):
-        cfg = _supervised(shards, str(tmp_path), f"w{workers}", workers, batch)
+    for name, workers, batch, global_batch in (("w2", 2, 4, 0), ("w1", 1, 8, 0), ("acc", 1, 4, 8)):
+        cfg = _supervised(shards, str(tmp_path), name, workers, batch)
+        cfg.optim.global_batch = global_batch
+        assert cfg.global_batch == 8 and cfg.batch_split(workers) == (4 if name != "w1" else 8,
+                                                                      2 if name == "acc" else 1)
         result = fit(cfg)
         assert result.metrics["step"] == 1
-        states[workers] = read_state(latest_checkpoint(str(tmp_path / f"w{workers}")))["model"]
-    for key, value in states[1].items():
-        assert torch.allclose(value, states[2][key], atol=1e-5, rtol=1e-4), key
+        states[name] = read_state(latest_checkpoint(str(tmp_path / name)))["model"]
+    for key, value in states["w1"].items():
+        assert torch.allclose(value, states["w2"][key], atol=1e-5, rtol=1e-4), key
+        assert torch.allclose(value, states["acc"][key], atol=1e-5, rtol=1e-4), key
     torch.manual_seed(0)  # the loop seeds rank 0 with cfg.seed + 0 before building the model
     fresh = timm.create_model("cast_tiny", num_classes=2, img_size=64).state_dict()
     moved = [
         k
         for k in fresh
-        if fresh[k].is_floating_point() and not torch.allclose(fresh[k], states[1][k], atol=1e-4)
+        if fresh[k].is_floating_point() and not torch.allclose(fresh[k], states["w1"][k], atol=1e-4)
     ]
     assert len(moved) > 10  # the step really changed the weights, far beyond the tolerance above
 
-    # a new run continues the 1-worker run from its folder: only epoch 2 is trained (one new checkpoint)
-    cont = _supervised(shards, str(tmp_path), "continued", 1, 8)
+    # a new run continues the 1-worker run from its folder on 2 workers: only epoch 2 is trained
+    cont = _supervised(shards, str(tmp_path), "continued", 2, 4)
     cont.schedule.epochs = 2
     cont.checkpoint.resume_from = str(tmp_path / "w1")
     assert fit(cont).metrics["step"] == 2
