@@ -46,6 +46,7 @@ class ScheduleConfig:
     warmup_epochs: float = 10.0  # linear warmup, per iteration
     warmup_start_lr: float = 0.0  # DeiT: 1e-6
     min_lr: float = 0.0  # half-cosine floor (DeiT: 1e-5)
+    cooldown_epochs: int = 0  # trained after `epochs` at min_lr (DeiT/timm: 10, so 300 + 10 epochs)
 
 
 @dataclass
@@ -136,6 +137,11 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
+    def total_epochs(self) -> int:
+        """Epochs trained: the schedule's plus the cooldown at its floor."""
+        return self.schedule.epochs + self.schedule.cooldown_epochs
+
+    @property
     def worker_range(self) -> tuple[int, int]:
         """(min, max) workers; equal for a fixed ``ray.num_workers``."""
         value = self.ray.num_workers
@@ -205,6 +211,8 @@ class TrainConfig:
             self.checkpoint.retry.validate("checkpoint.retry")
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        _check(self.schedule.cooldown_epochs >= 0, "schedule.cooldown_epochs", ">= 0",
+               self.schedule.cooldown_epochs)
         _check(
             self.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0", self.checkpoint.every_steps
         )

@@ -95,7 +95,7 @@ class Trainer:
 
     def run(self) -> None:
         cfg, position = self.cfg, self.state.position
-        while position.epoch < cfg.schedule.epochs:
+        while position.epoch < cfg.total_epochs:
             loader = build_loader(self.data, rank=self.rank, world_size=self.world_size, epoch=position.epoch,
                                   provider=self.provider, remaining=position.remaining,
                                   global_batch=self.global_batch)
@@ -114,7 +114,7 @@ class Trainer:
                     window = MetricsWindow()
             validate = self.validation is not None and self.validation.due(position.epoch + 1)
             extra = self.validation.evaluate(self.module) if validate else {}
-            if self.validation is not None and position.epoch + 1 == cfg.schedule.epochs:
+            if self.validation is not None and position.epoch + 1 == cfg.total_epochs:
                 self.validation.finish(extra)  # before the last report: a restart redoes both
             position.epoch, position.remaining = position.epoch + 1, None
             self._report(window, loader, with_checkpoint=True, extra=extra)

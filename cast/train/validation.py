@@ -89,7 +89,7 @@ class KnnValidation(Validation):
         self.device, self.provider = device, provider
 
     def due(self, epochs_done):
-        return epochs_done % self.cfg.knn.every_epochs == 0 or epochs_done == self.cfg.schedule.epochs
+        return epochs_done % self.cfg.knn.every_epochs == 0 or epochs_done == self.cfg.total_epochs
 
     def _features(self, encoder: nn.Module, shards: str):
         data = replace(self.cfg.data, shards=shards, recipe="eval", shuffle=False, drop_remainder=False)
