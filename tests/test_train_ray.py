@@ -1,5 +1,6 @@
 """cast.train and cast.tune on a real in-process Ray cluster (shared by the tests of this session)."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,24 @@ def test_asha_sweep_ranks_by_knn_and_writes_the_base_recipe_plus_the_swept_value
     again, _ = run_sweep(sweep)
     assert sorted((r.path, r.metrics["knn_top1"]) for r in again) == sorted(
         (r.path, r.metrics["knn_top1"]) for r in results)
+
+
+def test_supervised_validation_reports_raw_and_ema_top1_that_the_checkpoint_reproduces(
+        ray_local, shards, tmp_path):
+    """val top-1 of the trained weights and of their EMA at every epoch end; the last figures are what
+    the saved checkpoint's weights give on the same shards."""
+    from cast.train.validation import classifier_top1
+
+    cfg = _supervised(shards, str(tmp_path), "val", 1, 8)
+    cfg.schedule.epochs, cfg.supervised.ema_decay, cfg.supervised.val_shards = 2, 0.5, shards
+    metrics = fit(cfg).metrics
+    assert metrics["epoch"] == 2 and {"val_top1", "val_top1_ema"} <= set(metrics)
+    state = read_state(latest_checkpoint(str(tmp_path / "val")))
+    data = dataclasses.replace(cfg.data, shards=shards, recipe="eval", shuffle=False, drop_remainder=False)
+    for key, weights in (("val_top1", state["model"]), ("val_top1_ema", state["ema"])):
+        model = timm.create_model("cast_tiny", num_classes=2, **cfg.model.kwargs)
+        model.load_state_dict(weights)
+        again = classifier_top1(model, data, rank=0, world_size=1, device=torch.device("cpu"),
+                                provider=cfg.data.provider())
+        assert again == pytest.approx(metrics[key]), key
+    assert not all(torch.equal(state["model"][k], state["ema"][k]) for k in state["ema"])  # two models

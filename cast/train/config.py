@@ -67,6 +67,8 @@ class SupervisedConfig:
     mix_prob: float = 1.0
     switch_prob: float = 0.5
     ema_decay: float = 0.0  # model EMA (DeiT: 0.99996); 0 = off
+    val_shards: str = ""  # labelled shards: val top-1 (and of the EMA) at epoch ends ("" = none)
+    val_every_epochs: int = 1  # and always after the last epoch
 
 
 @dataclass
@@ -238,6 +240,8 @@ class TrainConfig:
                 self.supervised.num_classes if self.objective == "supervised" else self.linear.num_classes
             )
             _check(classes > 0, f"{self.objective}.num_classes", "> 0", classes)
+            _check(self.supervised.val_every_epochs > 0, "supervised.val_every_epochs", "> 0",
+                   self.supervised.val_every_epochs)
         if self.knn.bank_shards or self.knn.query_shards:
             _check(bool(self.knn.bank_shards and self.knn.query_shards), "knn.query_shards",
                    "both knn.bank_shards and knn.query_shards", self.knn.query_shards)

@@ -99,6 +99,7 @@ class ProgressLine(UserCallback):
             ("data_wait_frac", ".2f"),
             ("train_top1", ".1f"),
             ("val_top1", ".2f"),
+            ("val_top1_ema", ".2f"),
             ("knn_top1", ".2f"),
         ):
             if key in head:

@@ -1,8 +1,8 @@
 """Evaluation during training: figures computed at epoch ends and reported with that epoch's metrics.
 
 A ``Validation`` scores the module being trained on a held-out shard set (every sample once, each rank
-its share) and may write a result file when training ends. The linear probe's validation top-1 and the
-kNN top-1 of any encoder (``knn.*``) are the two.
+its share) and may write a result file when training ends. Validation top-1 of the linear probe and of
+supervised (DeiT) training, its EMA beside it, and the kNN top-1 of any encoder (``knn.*``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,25 @@ class Validation:
         """After the last epoch's ``evaluate`` (rank 0, before the final report: a restart redoes both)."""
 
 
+@torch.no_grad()
+def classifier_top1(module: nn.Module, data, *, rank: int, world_size: int, device: torch.device,
+                    provider) -> float:
+    """Top-1 (%) of a classifier on ``data`` (every sample once over the ranks). Ranks may differ in batch
+    count, so the forward runs on the unwrapped module (no DDP collective per batch); the counts are
+    summed over ranks at the end."""
+    was_training = module.training
+    module.eval()
+    correct = total = 0
+    for batch in build_loader(data, rank=rank, world_size=world_size, epoch=0, provider=provider):
+        batch = to_device(batch, device, provider)
+        logits = module(batch["images"][:, 0], batch["superpixels"][:, 0])
+        correct += top1_correct(logits, batch["label"])
+        total += logits.shape[0]
+    module.train(was_training)
+    counts = all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64, device=device))
+    return float(counts[0] / counts[1].clamp_min(1)) * 100.0
+
+
 class LinearProbeValidation(Validation):
     """Top-1 of the probe on ``linear.val_shards``; the final figure goes to
     ``<pretrained>.linear_probe.json``, where ``jobs.evaluate`` looks for it."""
@@ -46,21 +65,9 @@ class LinearProbeValidation(Validation):
         self.data = replace(cfg.data, shards=cfg.linear.val_shards, recipe="linear_eval", shuffle=False,
                             drop_remainder=False)
 
-    @torch.no_grad()
     def evaluate(self, module):
-        """Ranks may differ in batch count, so the forward runs on the unwrapped module (no DDP collective
-        per batch); the counts are summed over ranks at the end."""
-        module.eval()
-        correct = total = 0
-        loader = build_loader(self.data, rank=self.rank, world_size=self.world_size, epoch=0,
-                              provider=self.provider)
-        for batch in loader:
-            batch = to_device(batch, self.device, self.provider)
-            logits = module(batch["images"][:, 0], batch["superpixels"][:, 0])
-            correct += top1_correct(logits, batch["label"])
-            total += logits.shape[0]
-        counts = all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64, device=self.device))
-        return {"val_top1": float(counts[0] / counts[1].clamp_min(1)) * 100.0}
+        return {"val_top1": classifier_top1(module, self.data, rank=self.rank, world_size=self.world_size,
+                                            device=self.device, provider=self.provider)}
 
     def finish(self, metrics):
         """Beside the location ``linear.pretrained`` names and beside the checkpoint that resolved to."""
@@ -110,9 +117,33 @@ class KnnValidation(Validation):
         return {"knn_top1": result["top1"]}
 
 
+class SupervisedValidation(Validation):
+    """DeiT: top-1 on ``supervised.val_shards`` every ``supervised.val_every_epochs`` epochs and after the
+    last, of the trained weights (``val_top1``) and, with a model EMA, of the EMA beside them
+    (``val_top1_ema``)."""
+
+    def __init__(self, cfg: TrainConfig, objective, *, rank: int, world_size: int, device: torch.device,
+                 provider):
+        self.cfg, self.objective = cfg, objective
+        self.context = {"rank": rank, "world_size": world_size, "device": device, "provider": provider}
+        self.data = replace(cfg.data, shards=cfg.supervised.val_shards, recipe="eval", shuffle=False,
+                            drop_remainder=False)
+
+    def due(self, epochs_done):
+        return epochs_done % self.cfg.supervised.val_every_epochs == 0 or epochs_done == self.cfg.total_epochs
+
+    def evaluate(self, module):
+        metrics = {"val_top1": classifier_top1(module, self.data, **self.context)}
+        if self.objective.ema is not None:
+            metrics["val_top1_ema"] = classifier_top1(self.objective.ema.module, self.data, **self.context)
+        return metrics
+
+
 def build_validation(cfg: TrainConfig, objective, **context) -> Validation | None:
     if cfg.objective == "linear" and cfg.linear.val_shards:
         return LinearProbeValidation(cfg, objective.pretrained, **context)
+    if cfg.objective == "supervised" and cfg.supervised.val_shards:
+        return SupervisedValidation(cfg, objective, **context)
     if cfg.knn.bank_shards:
         return KnnValidation(cfg, **context)
     return None
