@@ -96,9 +96,11 @@ class Trainer:
     def run(self) -> None:
         cfg, position = self.cfg, self.state.position
         while position.epoch < cfg.total_epochs:
+            layout = [self.world_size, self.data.num_workers, self.micro_batch]
+            rotation = position.rotation if position.layout == layout else 0
             loader = build_loader(self.data, rank=self.rank, world_size=self.world_size, epoch=position.epoch,
                                   provider=self.provider, remaining=position.remaining,
-                                  global_batch=self.global_batch)
+                                  global_batch=self.global_batch, rotation=rotation)
             window = MetricsWindow()
             batches = iter(loader)
             self.objective.train_mode(self.model)
@@ -109,14 +111,15 @@ class Trainer:
                     break  # the epoch-end report below carries this window and a checkpoint
                 checkpoint_due = _due(position.step, cfg.checkpoint.every_steps)
                 if checkpoint_due or _due(position.step, cfg.logging.every_steps):
-                    position.remaining = loader.remaining()
+                    position.remaining, position.rotation = loader.remaining(), loader.rotation()
+                    position.layout = layout
                     self._report(window, loader, with_checkpoint=checkpoint_due)
                     window = MetricsWindow()
             validate = self.validation is not None and self.validation.due(position.epoch + 1)
             extra = self.validation.evaluate(self.module) if validate else {}
             if self.validation is not None and position.epoch + 1 == cfg.total_epochs:
                 self.validation.finish(extra)  # before the last report: a restart redoes both
-            position.epoch, position.remaining = position.epoch + 1, None
+            position.epoch, position.remaining, position.layout = position.epoch + 1, None, None
             self._report(window, loader, with_checkpoint=True, extra=extra)
         self.reporter.close()
         if self.sample_log is not None:
