@@ -10,6 +10,7 @@ even when told 127.0.0.1. The venv's bin goes first on PATH, so ``python`` in a 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -44,6 +45,7 @@ class RayHead:
     temp_dir: str
     pid: int  # of `ray start --block`, also its process group id
     log: str  # ray start's output
+    gcs_address: str = ""  # 127.0.0.1:<port>, what another node joins
 
     def client(self):
         """A ``JobSubmissionClient`` sending the cluster's token itself (a Ray already used in this process
@@ -102,10 +104,60 @@ def local_ray_head(
     address = f"http://127.0.0.1:{dash_port}"
     try:
         _wait_ready(address, agent_port, proc, log_path, ready_timeout)
-        yield RayHead(address, {**env, "RAY_ADDRESS": address}, temp_dir, proc.pid, str(log_path))
+        yield RayHead(address, {**env, "RAY_ADDRESS": address}, temp_dir, proc.pid, str(log_path),
+                      gcs_address=f"127.0.0.1:{port}")
     finally:
         with _no_keyboard_interrupt():  # a second Ctrl-C must not cut the stop short
             stop_process_group(proc)
+
+
+# `ray start --address` refuses to join a cluster under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (a single-node
+# switch), and without it resolves 127.0.0.1 to the machine's interface address; the node is therefore
+# started the way `ray start --block` does it, on 127.0.0.1, from this small program
+_NODE_PROGRAM = """
+import sys, time
+import ray._private.node, ray._private.parameter
+gcs, cpus, store, agent, grpc, metrics, runtime = sys.argv[1], *map(int, sys.argv[2:])
+params = ray._private.parameter.RayParams(
+    gcs_address=gcs, node_ip_address="127.0.0.1", num_cpus=cpus, object_store_memory=store,
+    dashboard_agent_listen_port=agent, metrics_agent_port=grpc, metrics_export_port=metrics,
+    runtime_env_agent_port=runtime, node_manager_port=0, min_worker_port=0, max_worker_port=0)
+node = ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+print("ray node started", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def start_ray_node(head: RayHead, num_cpus: int = 1, object_store_memory: int = 256 * 1024**2,
+                   log_name: str = "ray_node.log") -> subprocess.Popen:
+    """Another node of ``head``'s cluster on 127.0.0.1, in its own process group, free ports: what a
+    second machine is, for elastic training tests. Killing its group is a spot preemption in miniature;
+    ``stop_process_group`` ends it; ``wait_for_nodes`` tells when it joined."""
+    ports = [free_port() for _ in range(4)]
+    cmd = [sys.executable, "-c", _NODE_PROGRAM, head.gcs_address, str(num_cpus), str(object_store_memory),
+           *map(str, ports)]
+    with open(Path(head.temp_dir) / log_name, "a") as log:
+        return subprocess.Popen(cmd, env=head.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def alive_nodes(head: RayHead) -> int:
+    """How many nodes the cluster counts as alive now."""
+    token = Path(head.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    request = urllib.request.Request(f"{head.address}/nodes?view=summary",
+                                     headers={"authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        summary = json.load(reply)["data"]["summary"]
+    return sum(1 for node in summary if node["raylet"]["state"] == "ALIVE")
+
+
+def wait_for_nodes(head: RayHead, count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while alive_nodes(head) != count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"cluster at {head.address}: not {count} alive nodes after {timeout}s")
+        time.sleep(0.5)
 
 
 @contextmanager

@@ -144,6 +144,20 @@ def test_resize_mid_epoch_trains_exactly_the_samples_not_yet_seen(local_shards, 
     )  # a different remainder next epoch
 
 
+def test_resume_at_the_same_size_continues_the_exact_batch_order(local_shards):
+    """Same world size, workers and batch: the resumed loader (remaining + rotation) yields exactly the
+    batches the uninterrupted one would have, in order, on every rank."""
+    cfg = _config(local_shards, batch_size=4, recipe="supervised")
+    full = _epoch(cfg, 2, 3)
+    first = [build_loader(cfg, rank=r, world_size=2, epoch=3) for r in range(2)]
+    _take(first, 3)
+    remaining, rotation = first[0].remaining(), first[0].rotation()
+    assert rotation == 1  # 3 batches over 2 DataLoader workers: worker 1 holds the next one
+    resumed = _epoch(cfg, 2, 3, remaining=remaining, rotation=rotation)
+    assert [[b["key"] for b in batches] for batches in resumed] == [
+        [b["key"] for b in batches[3:]] for batches in full]
+
+
 def test_a_position_that_is_not_whole_batches_is_refused(local_shards):
     cfg = _config(local_shards, batch_size=4)
     with pytest.raises(ValueError, match="not whole batches of 4 on 3 ranks"):

@@ -1,5 +1,6 @@
 """cast.train and cast.tune on a real in-process Ray cluster (shared by the tests of this session)."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -61,27 +62,32 @@ def _supervised(shards, storage, name, workers, batch):
     return load_config(TrainConfig, str(CONFIGS / "supervised_cast_tiny.yaml"), overrides)
 
 
-def test_two_workers_match_one_worker_with_twice_the_batch(ray_local, shards, tmp_path):
-    """DDP averages gradients: 2 x b must give 1 x 2b's weights (no dropout, BN frozen, same samples, SGD)."""
+def test_two_workers_and_accumulation_match_one_worker_with_the_whole_batch(ray_local, shards, tmp_path):
+    """DDP averages gradients and accumulation sums micro-batches: 2 workers x 4 and 1 worker x 2
+    micro-batches of 4 must give 1 x 8's weights (no dropout, BN frozen, same samples, SGD)."""
     states = {}
-    for workers, batch in ((2, 4), (1, 8)):
-        cfg = _supervised(shards, str(tmp_path), f"w{workers}", workers, batch)
+    for name, workers, batch, global_batch in (("w2", 2, 4, 0), ("w1", 1, 8, 0), ("acc", 1, 4, 8)):
+        cfg = _supervised(shards, str(tmp_path), name, workers, batch)
+        cfg.optim.global_batch = global_batch
+        assert cfg.global_batch == 8 and cfg.batch_split(workers) == (4 if name != "w1" else 8,
+                                                                      2 if name == "acc" else 1)
         result = fit(cfg)
         assert result.metrics["step"] == 1
-        states[workers] = read_state(latest_checkpoint(str(tmp_path / f"w{workers}")))["model"]
-    for key, value in states[1].items():
-        assert torch.allclose(value, states[2][key], atol=1e-5, rtol=1e-4), key
+        states[name] = read_state(latest_checkpoint(str(tmp_path / name)))["model"]
+    for key, value in states["w1"].items():
+        assert torch.allclose(value, states["w2"][key], atol=1e-5, rtol=1e-4), key
+        assert torch.allclose(value, states["acc"][key], atol=1e-5, rtol=1e-4), key
     torch.manual_seed(0)  # the loop seeds rank 0 with cfg.seed + 0 before building the model
     fresh = timm.create_model("cast_tiny", num_classes=2, img_size=64).state_dict()
     moved = [
         k
         for k in fresh
-        if fresh[k].is_floating_point() and not torch.allclose(fresh[k], states[1][k], atol=1e-4)
+        if fresh[k].is_floating_point() and not torch.allclose(fresh[k], states["w1"][k], atol=1e-4)
     ]
     assert len(moved) > 10  # the step really changed the weights, far beyond the tolerance above
 
-    # a new run continues the 1-worker run from its folder: only epoch 2 is trained (one new checkpoint)
-    cont = _supervised(shards, str(tmp_path), "continued", 1, 8)
+    # a new run continues the 1-worker run from its folder on 2 workers: only epoch 2 is trained
+    cont = _supervised(shards, str(tmp_path), "continued", 2, 4)
     cont.schedule.epochs = 2
     cont.checkpoint.resume_from = str(tmp_path / "w1")
     assert fit(cont).metrics["step"] == 2
@@ -134,20 +140,27 @@ def test_linear_probe_writes_its_top1_beside_the_pretrained_checkpoint(shards, t
     assert beside_run["run"] == str(tmp_path / "probe")
 
 
-def test_asha_sweep_writes_a_usable_best_config(ray_local, shards, tmp_path, monkeypatch):
+def test_asha_sweep_ranks_by_knn_and_writes_the_base_recipe_plus_the_swept_values(
+        ray_local, shards, tmp_path, monkeypatch):
     monkeypatch.chdir(CONFIGS.parents[1])
+    make_imagefolder(tmp_path / "held_out", num_classes=2, per_class=2, size=64, seed=1)
+    query = str(tmp_path / "query")
+    build_shards(str(tmp_path / "held_out"), query, "imagefolder", max_count=4, progress=False)
     sweep = load_config(
         SweepConfig,
         str(CONFIGS / "sweep_moco_tiny.yaml"),
-        [f"storage_path={tmp_path}", "name=sweep", "asha={max_t: 4, grace_period: 1, reduction_factor: 2}"],
+        [f"storage_path={tmp_path}", "name=sweep", "asha={max_t: 2, grace_period: 1, reduction_factor: 2}"],
     )
     sweep.overrides = [
         f"data.shards={shards}",
+        f"knn.bank_shards={shards}",
+        f"knn.query_shards={query}",
+        "knn.k=3",
         "ray.num_workers=1",
         "data.batch_size=4",
         "schedule.epochs=2",
         "checkpoint.every_steps=0",
-        "logging.every_steps=1",
+        "logging.every_steps=1000000",
         "logging.tensorboard=false",
         "ray.max_failures=0",
         "ray.resources_per_worker={CPU: 0.45}",
@@ -155,10 +168,41 @@ def test_asha_sweep_writes_a_usable_best_config(ray_local, shards, tmp_path, mon
     results, best = run_sweep(sweep)
     assert len(results) == 4
     assert all(r.error is None for r in results)
-    assert all("loss" in r.metrics for r in results)
-    cfg = load_config(TrainConfig, best)
+    assert all(0 <= r.metrics["knn_top1"] <= 100 for r in results)
+    best_result = results.get_best_result(metric="knn_top1", mode="max", scope="last")
+    cfg = load_config(TrainConfig, best, [f"data.shards={shards}"])
     cfg.validate()
-    best_result = results.get_best_result(metric="loss", mode="min", scope="last")
     assert cfg.optim.base_lr == pytest.approx(best_result.config["optim.base_lr"])
     assert cfg.moco.temperature == best_result.config["moco.temperature"]
-    assert cfg.ray.name == "" and cfg.data.shards == shards
+    tiny = load_config(TrainConfig, str(CONFIGS / "moco_cast_tiny.yaml"))
+    # the base recipe's run, not the sweep's short one: its epochs, workers, batch; no kNN sets
+    assert (cfg.schedule.epochs, cfg.ray.num_workers, cfg.data.batch_size, cfg.checkpoint.every_steps) == (
+        tiny.schedule.epochs, tiny.ray.num_workers, tiny.data.batch_size, tiny.checkpoint.every_steps)
+    assert cfg.ray.name == "" and cfg.knn.bank_shards == ""
+    assert cfg.logging.every_steps == tiny.logging.every_steps
+
+    # the same sweep again (as after its driver died) restores it: the finished trials are not rerun
+    again, _ = run_sweep(sweep)
+    assert sorted((r.path, r.metrics["knn_top1"]) for r in again) == sorted(
+        (r.path, r.metrics["knn_top1"]) for r in results)
+
+
+def test_supervised_validation_reports_raw_and_ema_top1_that_the_checkpoint_reproduces(
+        ray_local, shards, tmp_path):
+    """val top-1 of the trained weights and of their EMA at every epoch end; the last figures are what
+    the saved checkpoint's weights give on the same shards."""
+    from cast.train.validation import classifier_top1
+
+    cfg = _supervised(shards, str(tmp_path), "val", 1, 8)
+    cfg.schedule.epochs, cfg.supervised.ema_decay, cfg.supervised.val_shards = 2, 0.5, shards
+    metrics = fit(cfg).metrics
+    assert metrics["epoch"] == 2 and {"val_top1", "val_top1_ema"} <= set(metrics)
+    state = read_state(latest_checkpoint(str(tmp_path / "val")))
+    data = dataclasses.replace(cfg.data, shards=shards, recipe="eval", shuffle=False, drop_remainder=False)
+    for key, weights in (("val_top1", state["model"]), ("val_top1_ema", state["ema"])):
+        model = timm.create_model("cast_tiny", num_classes=2, **cfg.model.kwargs)
+        model.load_state_dict(weights)
+        again = classifier_top1(model, data, rank=0, world_size=1, device=torch.device("cpu"),
+                                provider=cfg.data.provider())
+        assert again == pytest.approx(metrics[key]), key
+    assert not all(torch.equal(state["model"][k], state["ema"][k]) for k in state["ema"])  # two models

@@ -211,3 +211,14 @@ def test_moco_key_encoder_moves_once_per_step_not_per_micro_batch():
     objective.after_step(moco, 0.1)
     for key, base, now in zip(keys, moco.base_encoder.parameters(), moco.momentum_encoder.parameters()):
         assert torch.allclose(now, 0.9 * key + 0.1 * base.detach())  # exactly one EMA update
+
+
+def test_cooldown_epochs_train_at_the_floor_after_the_schedule():
+    deit = load_config(TrainConfig, str(CONFIGS / "deit_cast_small_in1k.yaml"))
+    assert deit.total_epochs == 310  # DeiT/timm: 300 scheduled + 10 cooldown epochs
+    epoch = 1000  # samples per epoch
+    total, warmup = 300 * epoch, 5 * epoch
+    assert lr_at(total - epoch, total, warmup, 1e-3, deit.schedule) > deit.schedule.min_lr
+    for seen in (total, total + 5 * epoch, total + 10 * epoch - 1):
+        assert lr_at(seen, total, warmup, 1e-3, deit.schedule) == pytest.approx(deit.schedule.min_lr)
+    assert moco_momentum(105, 100, MocoConfig()) == pytest.approx(1.0)  # stays at 1, no second cosine

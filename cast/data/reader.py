@@ -104,13 +104,14 @@ def segment_samples(segments: list[Segment]) -> int:
     return sum(end - start for _, start, end in segments)
 
 
-def reader_shares(batches: int, world_size: int, num_workers: int, batch_size: int) -> list[int]:
-    """Samples each reader (rank-major: reader = rank * num_workers + worker) yields in ``batches``
-    batches per rank."""
+def reader_shares(batches: int, world_size: int, num_workers: int, batch_size: int,
+                  rotation: int = 0) -> list[int]:
+    """Samples each reader (rank-major: reader = rank * num_workers + role) yields in ``batches`` batches
+    per rank; DataLoader worker ``w`` plays role ``(w + rotation) % num_workers``."""
     return [
-        worker_batches(batches, num_workers, worker) * batch_size
+        worker_batches(batches, num_workers, (role - rotation) % num_workers) * batch_size
         for _ in range(world_size)
-        for worker in range(num_workers)
+        for role in range(num_workers)
     ]
 
 
@@ -131,10 +132,10 @@ def cut(segments: list[Segment], sizes: list[int]) -> list[list[Segment]]:
     return stretches
 
 
-def merge(segments: list[Segment]) -> list[Segment]:
-    """Sorted, with touching segments of a partition joined."""
+def join(segments: list[Segment]) -> list[Segment]:
+    """The same samples in the same order, consecutive touching segments of a partition joined."""
     out: list[Segment] = []
-    for partition, start, end in sorted(segments):
+    for partition, start, end in segments:
         if out and out[-1][0] == partition and out[-1][2] == start:
             out[-1] = (partition, out[-1][1], end)
         elif end > start:
@@ -142,19 +143,19 @@ def merge(segments: list[Segment]) -> list[Segment]:
     return out
 
 
-def remaining_after(
-    segments: list[Segment], world_size: int, num_workers: int, batch_size: int, batches_done: int
-) -> list[Segment]:
+def remaining_after(segments: list[Segment], world_size: int, num_workers: int, batch_size: int,
+                    batches_done: int, rotation: int = 0) -> list[Segment]:
     """What is left of ``segments`` once every rank consumed ``batches_done`` batches of a loader that
-    started from them (the deal is deterministic, so this needs no word from the workers)."""
+    started from them (the deal is deterministic, so this needs no word from the workers), in reader
+    order: a loader of the same layout rotated by ``batches_done`` continues every reader where it was."""
     total = segment_samples(segments) // (world_size * batch_size)
-    stretches = cut(segments, reader_shares(total, world_size, num_workers, batch_size))
-    done = reader_shares(batches_done, world_size, num_workers, batch_size)
+    stretches = cut(segments, reader_shares(total, world_size, num_workers, batch_size, rotation))
+    done = reader_shares(batches_done, world_size, num_workers, batch_size, rotation)
     left: list[Segment] = []
     for stretch, used in zip(stretches, done, strict=True):
         (_, rest) = cut(stretch, [used, segment_samples(stretch) - used])
         left += rest
-    return merge(left)
+    return join(left)
 
 
 class ShardStream(IterableDataset):
@@ -171,6 +172,7 @@ class ShardStream(IterableDataset):
         provider=None,
         remaining: list[Segment] | None = None,
         global_batch: int = 0,
+        rotation: int = 0,
     ):
         self.cfg = cfg
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
@@ -205,7 +207,7 @@ class ShardStream(IterableDataset):
                     f"({cfg.batch_size} on each of {world_size} ranks); lower data.batch_size"
                 )
         else:
-            self.segments = merge([tuple(int(v) for v in segment) for segment in remaining])
+            self.segments = join([tuple(int(v) for v in segment) for segment in remaining])
         left = segment_samples(self.segments)
         if left % per_step:
             raise ValueError(
@@ -213,7 +215,8 @@ class ShardStream(IterableDataset):
                 f"{world_size} ranks (the checkpoint was not taken at an optimizer step of this global batch)"
             )
         self.total = left // per_step
-        shares = reader_shares(self.total, world_size, self.num_workers, cfg.batch_size)
+        self.rotation = rotation % self.num_workers
+        shares = reader_shares(self.total, world_size, self.num_workers, cfg.batch_size, self.rotation)
         self.stretches = cut(self.segments, shares)
 
     def __len__(self) -> int:
@@ -232,7 +235,7 @@ class ShardStream(IterableDataset):
             _seed_augmentation(rng)
             yield from self._single_pass(self._raw_samples(self.readers[reader], rng, counters), counters)
             return
-        stretch = self.stretches[reader]
+        stretch = self.stretches[self.rank * self.num_workers + (worker + self.rotation) % self.num_workers]
         if not stretch:
             return
         # augmentations differ per reader and per resume point; the sample order does not depend on them
@@ -438,7 +441,11 @@ class ShardLoader:
         """The epoch's segments not consumed yet, every rank having taken as many batches as this one."""
         stream = self.stream
         return remaining_after(stream.segments, stream.world_size, stream.num_workers,
-                               stream.cfg.batch_size, self.consumed)
+                               stream.cfg.batch_size, self.consumed, stream.rotation)
+
+    def rotation(self) -> int:
+        """The ``rotation`` a loader of the same layout continuing from ``remaining()`` takes."""
+        return (self.stream.rotation + self.consumed) % self.stream.num_workers
 
 
 def build_loader(
@@ -450,10 +457,12 @@ def build_loader(
     provider=None,
     remaining: list[Segment] | None = None,
     global_batch: int = 0,
+    rotation: int = 0,
 ) -> ShardLoader:
     """The loader for ``rank`` of ``world_size`` in ``epoch``. Training: ``remaining`` (from a
     checkpoint's position) resumes mid-epoch at any world size; ``global_batch`` (images per optimizer
-    step, default world_size x batch_size) fixes the epoch's length."""
+    step, default world_size x batch_size) fixes the epoch's length; ``rotation`` (from the loader that
+    wrote ``remaining``, same world size, workers and batch) continues its exact batch order."""
     cfg.validate()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -468,5 +477,6 @@ def build_loader(
         provider=provider,
         remaining=remaining,
         global_batch=global_batch,
+        rotation=rotation,
     )
     return ShardLoader(stream, cfg)

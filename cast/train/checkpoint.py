@@ -10,6 +10,7 @@ retried up to ``checkpoint.retry.deadline_s``, permanent ones fail at once, nami
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Callable
@@ -37,6 +38,10 @@ class Position:
     # [partition, start, end) triples left of ``epoch`` (cast.data.reader); None = the epoch has not begun
     remaining: list | None = None
     world_size: int = 1  # of the group that wrote it (for the record: a restore may have another)
+    # [world_size, DataLoader workers, micro-batch] of the loader that wrote ``remaining`` and its
+    # ``rotation``: a restore with the same layout continues that loader's exact batch order
+    layout: list | None = None
+    rotation: int = 0
 
     @classmethod
     def from_state(cls, saved: dict) -> Position:
@@ -138,8 +143,7 @@ class TrainState:
         if self.best is not None:
             self.best.load_state_dict(state.get("best", {}))
         saved = Position.from_state(state["position"])
-        self.position = Position(step=saved.step, epoch=saved.epoch, samples_seen=saved.samples_seen,
-                                 remaining=saved.remaining, world_size=self.world_size)
+        self.position = dataclasses.replace(saved, world_size=self.world_size)
         if len(state["rng"]) == self.world_size:
             set_rng_state(state["rng"][self.rank])
         else:

@@ -57,6 +57,7 @@ class ScheduleConfig:
     min_lr: float = 0.0  # floor of the decay (DeiT: 1e-5)
     kind: str = "cosine"  # cosine (half-cosine) | poly ((1 - progress) ** poly_power, mmseg/SPML)
     poly_power: float = 0.9
+    cooldown_epochs: int = 0  # trained after `epochs` at min_lr (DeiT/timm: 10, so 300 + 10 epochs)
 
 
 @dataclass
@@ -77,6 +78,8 @@ class SupervisedConfig:
     mix_prob: float = 1.0
     switch_prob: float = 0.5
     ema_decay: float = 0.0  # model EMA (DeiT: 0.99996); 0 = off
+    val_shards: str = ""  # labelled shards: val top-1 (and of the EMA) at epoch ends ("" = none)
+    val_every_epochs: int = 1  # and always after the last epoch
 
 
 @dataclass
@@ -107,6 +110,18 @@ class SegmentationConfig:
     window: int = 0  # sliding window (0 = whole image); Segmenter ADE 512 / 512, Pascal Context 480 / 320
     stride: int = 0  # 0 = window
     val_max_images: int = 0  # > 0: score only this many val images per rank (smoke runs)
+
+
+@dataclass
+class KnnConfig:
+    """kNN top-1 of the encoder being trained, at epoch ends: a quality figure that compares runs (the
+    contrastive loss scales with its temperature), e.g. the Tune metric ``knn_top1`` of a sweep."""
+
+    bank_shards: str = ""  # labelled shards whose features are the kNN memory ("" = off)
+    query_shards: str = ""  # held-out labelled shards classified against it
+    k: int = 20
+    temperature: float = 0.07
+    every_epochs: int = 1  # and always after the last epoch
 
 
 @dataclass
@@ -155,9 +170,15 @@ class TrainConfig:
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs trained: the schedule's plus the cooldown at its floor."""
+        return self.schedule.epochs + self.schedule.cooldown_epochs
 
     @property
     def worker_range(self) -> tuple[int, int]:
@@ -232,6 +253,8 @@ class TrainConfig:
             self.checkpoint.retry.validate("checkpoint.retry")
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        _check(self.schedule.cooldown_epochs >= 0, "schedule.cooldown_epochs", ">= 0",
+               self.schedule.cooldown_epochs)
         _check(
             self.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0", self.checkpoint.every_steps
         )
@@ -274,6 +297,13 @@ class TrainConfig:
                 self.supervised.num_classes if self.objective == "supervised" else self.linear.num_classes
             )
             _check(classes > 0, f"{self.objective}.num_classes", "> 0", classes)
+            _check(self.supervised.val_every_epochs > 0, "supervised.val_every_epochs", "> 0",
+                   self.supervised.val_every_epochs)
+        if self.knn.bank_shards or self.knn.query_shards:
+            _check(bool(self.knn.bank_shards and self.knn.query_shards), "knn.query_shards",
+                   "both knn.bank_shards and knn.query_shards", self.knn.query_shards)
+            _check(self.knn.k > 0, "knn.k", "> 0", self.knn.k)
+            _check(self.knn.every_epochs > 0, "knn.every_epochs", "> 0", self.knn.every_epochs)
         if self.objective == "linear":
             _check(bool(self.linear.pretrained), "linear.pretrained", "a pretrained checkpoint path", "")
             _check(self.optim.name == "sgd", "optim.name", "'sgd' for the linear probe", self.optim.name)

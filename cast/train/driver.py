@@ -102,6 +102,8 @@ class ProgressLine(UserCallback):
             ("train_top1", ".1f"),
             ("val_top1", ".2f"),
             ("val_miou", ".2f"),
+            ("val_top1_ema", ".2f"),
+            ("knn_top1", ".2f"),
         ):
             if key in head:
                 parts.append(f"{key} {head[key]:{fmt}}")

@@ -23,6 +23,7 @@ from cast.data.reader import epoch_samples
 from cast.precision import resolve
 from cast.train.checkpoint import TrainState, checkpoint_name, retrying_upload, seed_everything
 from cast.train.config import TrainConfig
+from cast.train.distributed import gather_objects
 from cast.train.metrics import MetricsWindow, Reporter
 from cast.train.objectives import build_objective, compile_encoders
 from cast.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
@@ -93,7 +94,7 @@ class Trainer:
         if cfg.logging.sample_log:
             os.makedirs(cfg.logging.sample_log, exist_ok=True)
             self.sample_log = open(os.path.join(cfg.logging.sample_log, f"rank{rank}.jsonl"), "a")  # noqa: SIM115
-        self.started = time.time()
+        self.started = gather_objects(time.time())[0]  # rank 0's: one id for this worker group
         self.reporter = Reporter(cfg.run_folder(), rank=rank, device=self.device,
                                  tensorboard=cfg.logging.tensorboard, retry=cfg.checkpoint.retry)
         self.validation = build_validation(cfg, self.objective, rank=rank, world_size=world_size,
@@ -104,10 +105,12 @@ class Trainer:
 
     def run(self) -> None:
         cfg, position = self.cfg, self.state.position
-        while position.epoch < cfg.schedule.epochs:
+        while position.epoch < cfg.total_epochs:
+            layout = [self.world_size, self.data.num_workers, self.micro_batch]
+            rotation = position.rotation if position.layout == layout else 0
             loader = build_loader(self.data, rank=self.rank, world_size=self.world_size, epoch=position.epoch,
                                   provider=self.provider, remaining=position.remaining,
-                                  global_batch=self.global_batch)
+                                  global_batch=self.global_batch, rotation=rotation)
             window = MetricsWindow()
             batches = iter(loader)
             self.objective.train_mode(self.model)
@@ -118,13 +121,15 @@ class Trainer:
                     break  # the epoch-end report below carries this window and a checkpoint
                 checkpoint_due = _due(position.step, cfg.checkpoint.every_steps)
                 if checkpoint_due or _due(position.step, cfg.logging.every_steps):
-                    position.remaining = loader.remaining()
+                    position.remaining, position.rotation = loader.remaining(), loader.rotation()
+                    position.layout = layout
                     self._report(window, loader, with_checkpoint=checkpoint_due)
                     window = MetricsWindow()
-            extra = self.validation.evaluate(self.module) if self.validation is not None else {}
-            if self.validation is not None and position.epoch + 1 == cfg.schedule.epochs:
+            validate = self.validation is not None and self.validation.due(position.epoch + 1)
+            extra = self.validation.evaluate(self.module) if validate else {}
+            if self.validation is not None and position.epoch + 1 == cfg.total_epochs:
                 self.validation.finish(extra)  # before the last report: a restart redoes both
-            position.epoch, position.remaining = position.epoch + 1, None
+            position.epoch, position.remaining, position.layout = position.epoch + 1, None, None
             best = self.best is not None and self.best.improved(extra)  # same figures on every rank
             self._report(window, loader, with_checkpoint=True, extra=extra, best=best)
         self.reporter.close()

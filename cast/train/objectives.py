@@ -57,7 +57,7 @@ def moco_momentum(epoch: float, epochs: int, cfg: MocoConfig) -> float:
     """Key-encoder momentum at fractional ``epoch``: constant, or cosine from ``cfg.momentum`` to 1."""
     if not cfg.momentum_cosine:
         return cfg.momentum
-    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1.0 - cfg.momentum)
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * min(epoch / epochs, 1.0))) * (1.0 - cfg.momentum)
 
 
 def top1_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Evaluation during training: figures computed at epoch ends and reported with that epoch's metrics.
 
 A ``Validation`` scores the module being trained on a held-out shard set (every sample once, each rank
-its share) and may write a result file when training ends: the linear probe's top-1 and dense
+its share) and may write a result file when training ends: the linear probe's top-1, validation top-1
+of supervised (DeiT) training with its EMA beside it, the kNN top-1 of any encoder (``knn.*``) and dense
 fine-tuning's mIoU (sliding windows, ``cast.eval.dense``). ``BestCheckpoint`` keeps the epoch that scored
 best on any reported metric (``checkpoint.best_metric``) in ``<run>/best``.
 """
@@ -21,10 +22,12 @@ from cast.artifacts import COMPLETE_MARKER, report_url, write_report
 from cast.data import build_loader, read_manifest
 from cast.data.batches import to_device
 from cast.eval.dense import predict_logits
+from cast.eval.features import extract_features
+from cast.eval.knn import knn_accuracy
 from cast.eval.segmentation import SegmentationMeter
 from cast.storage import join
 from cast.train.config import TrainConfig
-from cast.train.distributed import all_reduce_sum
+from cast.train.distributed import all_reduce_sum, gather_objects
 from cast.train.objectives import top1_correct
 
 
@@ -33,8 +36,31 @@ class Validation:
         """Metrics of ``module`` (every rank calls it: the figures are summed over ranks)."""
         raise NotImplementedError
 
+    def due(self, epochs_done: int) -> bool:
+        """Whether to evaluate after ``epochs_done`` epochs (the last one always is)."""
+        return True
+
     def finish(self, metrics: dict) -> None:
         """After the last epoch's ``evaluate`` (rank 0, before the final report: a restart redoes both)."""
+
+
+@torch.no_grad()
+def classifier_top1(module: nn.Module, data, *, rank: int, world_size: int, device: torch.device,
+                    provider) -> float:
+    """Top-1 (%) of a classifier on ``data`` (every sample once over the ranks). Ranks may differ in batch
+    count, so the forward runs on the unwrapped module (no DDP collective per batch); the counts are
+    summed over ranks at the end."""
+    was_training = module.training
+    module.eval()
+    correct = total = 0
+    for batch in build_loader(data, rank=rank, world_size=world_size, epoch=0, provider=provider):
+        batch = to_device(batch, device, provider)
+        logits = module(batch["images"][:, 0], batch["superpixels"][:, 0])
+        correct += top1_correct(logits, batch["label"])
+        total += logits.shape[0]
+    module.train(was_training)
+    counts = all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64, device=device))
+    return float(counts[0] / counts[1].clamp_min(1)) * 100.0
 
 
 class LinearProbeValidation(Validation):
@@ -48,22 +74,9 @@ class LinearProbeValidation(Validation):
         self.data = replace(cfg.data, shards=cfg.linear.val_shards, recipe="linear_eval", shuffle=False,
                             drop_remainder=False)
 
-    @torch.no_grad()
     def evaluate(self, module):
-        """Ranks may differ in batch count, so the forward runs on the unwrapped module (no DDP collective
-        per batch); the counts are summed over ranks at the end."""
-        module.eval()
-        correct = total = 0
-        loader = build_loader(self.data, rank=self.rank, world_size=self.world_size, epoch=0,
-                              provider=self.provider)
-        for batch in loader:
-            batch = to_device(batch, self.device, self.provider)
-            logits = module(batch["images"][:, 0], batch["superpixels"][:, 0])
-            correct += top1_correct(logits, batch["label"])
-            total += logits.shape[0]
-        totals = torch.tensor([float(correct), total], dtype=torch.float64, device=self.device)
-        counts = all_reduce_sum(totals)
-        return {"val_top1": float(counts[0] / counts[1].clamp_min(1)) * 100.0}
+        return {"val_top1": classifier_top1(module, self.data, rank=self.rank, world_size=self.world_size,
+                                            device=self.device, provider=self.provider)}
 
     def finish(self, metrics):
         """Beside the location ``linear.pretrained`` names and beside the checkpoint that resolved to."""
@@ -172,9 +185,66 @@ class BestCheckpoint:
         self.value = state.get("best_value")
 
 
+class KnnValidation(Validation):
+    """kNN top-1 (``knn_top1``, %) of the encoder's embeddings: ``knn.query_shards`` against the memory
+    of ``knn.bank_shards``. Each rank embeds its share of both, every rank gathers all of them (small
+    held-out sets) and scores them alike, so the reported figure needs no further reduction."""
+
+    def __init__(self, cfg: TrainConfig, *, rank: int, world_size: int, device: torch.device, provider):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device, self.provider = device, provider
+
+    def due(self, epochs_done):
+        return epochs_done % self.cfg.knn.every_epochs == 0 or epochs_done == self.cfg.total_epochs
+
+    def _features(self, encoder: nn.Module, shards: str):
+        data = replace(self.cfg.data, shards=shards, recipe="eval", shuffle=False, drop_remainder=False)
+        loader = build_loader(data, rank=self.rank, world_size=self.world_size, epoch=0,
+                              provider=self.provider)
+        local = extract_features(encoder, loader, device=self.device, provider=self.provider, progress=False)
+        parts = gather_objects((local.embeddings, local.labels))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    @torch.no_grad()
+    def evaluate(self, module):
+        encoder = getattr(module, "base_encoder", module)  # MoCo: the query encoder, as evaluation does
+        bank, bank_labels = self._features(encoder, self.cfg.knn.bank_shards)
+        queries, labels = self._features(encoder, self.cfg.knn.query_shards)
+        classes = int(max(bank_labels.max(), labels.max())) + 1
+        result = knn_accuracy(bank, bank_labels, queries, labels, classes, k=self.cfg.knn.k,
+                              temperature=self.cfg.knn.temperature)
+        return {"knn_top1": result["top1"]}
+
+
+class SupervisedValidation(Validation):
+    """DeiT: top-1 on ``supervised.val_shards`` every ``supervised.val_every_epochs`` epochs and after the
+    last, of the trained weights (``val_top1``) and, with a model EMA, of the EMA beside them
+    (``val_top1_ema``)."""
+
+    def __init__(self, cfg: TrainConfig, objective, *, rank: int, world_size: int, device: torch.device,
+                 provider):
+        self.cfg, self.objective = cfg, objective
+        self.context = {"rank": rank, "world_size": world_size, "device": device, "provider": provider}
+        self.data = replace(cfg.data, shards=cfg.supervised.val_shards, recipe="eval", shuffle=False,
+                            drop_remainder=False)
+
+    def due(self, epochs_done):
+        return epochs_done % self.cfg.supervised.val_every_epochs == 0 or epochs_done == self.cfg.total_epochs
+
+    def evaluate(self, module):
+        metrics = {"val_top1": classifier_top1(module, self.data, **self.context)}
+        if self.objective.ema is not None:
+            metrics["val_top1_ema"] = classifier_top1(self.objective.ema.module, self.data, **self.context)
+        return metrics
+
+
 def build_validation(cfg: TrainConfig, objective, **context) -> Validation | None:
     if cfg.objective == "linear" and cfg.linear.val_shards:
         return LinearProbeValidation(cfg, objective.pretrained, **context)
     if cfg.objective == "segmentation" and cfg.segmentation.val_shards:
         return SegmentationValidation(cfg, **context)
+    if cfg.objective == "supervised" and cfg.supervised.val_shards:
+        return SupervisedValidation(cfg, objective, **context)
+    if cfg.knn.bank_shards:
+        return KnnValidation(cfg, **context)
     return None

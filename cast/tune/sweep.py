@@ -1,8 +1,12 @@
 """Hyperparameter sweeps: a Ray Tune ``Tuner`` over a driver that builds one ``TorchTrainer`` per trial.
 
 The sweep YAML names a base job config, the search space over any dotted key of it, and ASHA's
-settings. Everything (keys, types, value ranges) is checked before Ray starts; the best trial's
-resolved config is written as a job YAML that ``jobs/pretrain.py`` accepts as is.
+settings. Everything (keys, types, value ranges) is checked before Ray starts. The best trial's
+config is written as the base config plus the swept values only: the sweep's ``overrides`` (short
+runs, fewer workers, the kNN sets) shape the trials and are left out, so the file is a full run of the
+base recipe (``jobs/pretrain.py --config <it> data.shards=...``). Pretraining sweeps rank trials by
+``knn_top1`` (``knn.*``: kNN top-1 of the trial's encoder on held-out shards, on the workers), which
+compares trials whatever their temperature; the contrastive loss, scaled by 2 x tau, does not.
 
     base: jobs/configs/moco_cast_tiny.yaml
     search:
@@ -35,7 +39,7 @@ class AshaConfig:
 @dataclass
 class SweepConfig:
     base: str = ""  # the job config every trial starts from
-    overrides: list[str] = field(default_factory=list)  # applied to the base for every trial
+    overrides: list[str] = field(default_factory=list)  # every trial's, left out of the best config
     search: dict = field(default_factory=dict)  # dotted key -> {sampler: args}
     num_samples: int = 4  # samples per grid point
     metric: str = "loss"
@@ -123,23 +127,29 @@ def run_sweep(sweep: SweepConfig):
         cfg.ray.name = tune.get_context().get_trial_name()
         build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
 
-    tuner = tune.Tuner(
-        tune.with_resources(trial_driver, {"CPU": sweep.trial_driver_cpus}),
-        param_space=param_space(sweep),
-        tune_config=tune.TuneConfig(
-            metric=sweep.metric,
-            mode=sweep.mode,
-            num_samples=sweep.num_samples,
-            max_concurrent_trials=sweep.max_concurrent_trials or None,
-            scheduler=ASHAScheduler(
-                time_attr="training_iteration",
-                max_t=sweep.asha.max_t,
-                grace_period=sweep.asha.grace_period,
-                reduction_factor=sweep.asha.reduction_factor,
+    trainable = tune.with_resources(trial_driver, {"CPU": sweep.trial_driver_cpus})
+    if tune.Tuner.can_restore(folder):  # a sweep whose driver died: finished trials stay, the rest go on
+        print(f"[cast-sweep] restoring {folder}", flush=True)
+        tuner = tune.Tuner.restore(folder, trainable, param_space=param_space(sweep),
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(sweep),
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric,
+                mode=sweep.mode,
+                num_samples=sweep.num_samples,
+                max_concurrent_trials=sweep.max_concurrent_trials or None,
+                scheduler=ASHAScheduler(
+                    time_attr="training_iteration",
+                    max_t=sweep.asha.max_t,
+                    grace_period=sweep.asha.grace_period,
+                    reduction_factor=sweep.asha.reduction_factor,
+                ),
             ),
-        ),
-        run_config=tune.RunConfig(storage_path=sweep.resolved_storage_path(), name=sweep.name),
-    )
+            run_config=tune.RunConfig(storage_path=sweep.resolved_storage_path(), name=sweep.name),
+        )
     results = tuner.fit()
     best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="last")
     params = {k: v for k, v in best.config.items() if k in sweep.search}
@@ -147,8 +157,13 @@ def run_sweep(sweep: SweepConfig):
 
 
 def write_best_config(sweep: SweepConfig, base: TrainConfig, params: dict, folder: str) -> str:
-    """The best trial's resolved job config, with a fresh run name, as a YAML for jobs/pretrain.py."""
-    cfg = trial_config(copy.deepcopy(base), params)
+    """The base config plus the best trial's swept values (validated as a trial with the sweep's
+    overrides), with a fresh run name, as a YAML for jobs/pretrain.py."""
+    trial_config(copy.deepcopy(base), params)
+    raw = yaml.safe_load(dump_config(load_config(TrainConfig, sweep.base)))
+    for key, value in params.items():
+        set_dotted(raw, key, value)
+    cfg = from_dict(TrainConfig, raw)
     cfg.ray.name = ""
     url = sweep.best_config or join(folder, "best_config.yaml")
     header = "".join(
