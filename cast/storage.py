@@ -203,7 +203,8 @@ def write_bytes(location: str, data: bytes, policy: RetryPolicy | None = None) -
 
     def write() -> None:
         parent = posixpath.dirname(path)
-        if parent:
+        # object stores have no folders; there makedirs would create a missing *bucket* (s3fs does)
+        if parent and (not is_url(location) or location.startswith("file://")):
             fs.makedirs(parent, exist_ok=True)
         temporary = f"{path}.partial"
         with fs.open(temporary, "wb") as handle:

@@ -1,4 +1,4 @@
-"""What every ``jobs/*.py`` entry point does: parse, validate (before Ray), connect, run, exit code."""
+"""What every ``jobs/*.py`` entry point does: parse, validate and preflight (before Ray), connect, run."""
 
 from __future__ import annotations
 
@@ -21,11 +21,27 @@ def load_job_config(argv: Sequence[str] | None, objective: str) -> TrainConfig:
     return resolve(cfg)
 
 
+SKIP_PREFLIGHT = "--no-preflight"
+
+
 def run_training_job(argv: Sequence[str] | None, objective: str) -> int:
-    """``python -m jobs.pretrain|train|linear_probe --config X.yaml key=value ...``."""
+    """``python -m jobs.pretrain|train|linear_probe --config X.yaml [--no-preflight] key=value ...``.
+
+    Exit 2 on a config error, found by validation or by the preflight (``cast.train.preflight``: model,
+    shards, batch size, classes, storage), before any Ray process starts; ``--no-preflight`` skips the
+    latter (validation always runs).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    preflight = SKIP_PREFLIGHT not in argv
+    argv = [arg for arg in argv if arg != SKIP_PREFLIGHT]
     try:
         cfg = load_job_config(argv, objective)
+        if preflight:
+            from cast.train.preflight import run_preflight
+
+            for line in run_preflight(cfg):
+                print(f"preflight ok: {line}", flush=True)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
