@@ -70,3 +70,16 @@ def test_pasted_set_builds_in_the_voc_layout_with_its_classes(tmp_path):
     again = pasted_segmentation(tmp_path / "again", train=6, val=2, size=64, num_classes=3)
     first, second = (np.asarray(Image.open(p / "SegmentationClass/val_00001.png")) for p in (src, again))
     assert np.array_equal(first, second)  # seeded
+
+
+def test_image_recipes_read_dense_shards_without_class_labels(tmp_path):
+    """Classes in a dense manifest name mask ids: MoCo views of VOC-layout shards need no cls member."""
+    src = pasted_segmentation(tmp_path / "pasted", train=4, val=0, size=64, num_classes=2)
+    build_shards(str(src), str(tmp_path / "train"), "voc", split_list="ImageSets/Segmentation/train.txt",
+                 progress=False)
+    cfg = DataConfig(shards=str(tmp_path / "train"), recipe="moco", image_size=32, batch_size=2,
+                     num_workers=0, superpixels="")
+    loader = build_loader(cfg, rank=0, world_size=1, epoch=0)
+    batches = list(loader)
+    assert len(batches) == 2 and batches[0]["images"].shape == (2, 2, 3, 32, 32)
+    assert not any(loader.counters.values())

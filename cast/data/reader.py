@@ -322,7 +322,9 @@ class ShardStream(IterableDataset):
         missing = []
         if image_key(sample) is None:
             missing.append("image")
-        if self.labelled and not self.recipe.needs_mask and LABEL_KEY not in sample:
+        # dense sets name their mask classes: a sample with a mask needs no cls, whatever the recipe
+        needs_label = self.labelled and not self.recipe.needs_mask and MASK_KEY not in sample
+        if needs_label and LABEL_KEY not in sample:
             missing.append(LABEL_KEY)
         if self.recipe.needs_mask and MASK_KEY not in sample:
             missing.append(MASK_KEY)
