@@ -76,6 +76,7 @@ def test_segmentation_job_scores_a_checkpoint_and_writes_overlays(tmp_path):
     import jobs.evaluate as job
     from cast.artifacts import write_checkpoint
     from cast.data import DataConfig, build_loader
+    from cast.data.batches import to_device
     from cast.data.transforms import denormalize
     from data_tools.make_shards import build_shards
     from data_tools.sample_data import pasted_segmentation
@@ -104,9 +105,9 @@ def test_segmentation_job_scores_a_checkpoint_and_writes_overlays(tmp_path):
                      shuffle=False, drop_remainder=False, superpixels="")
     with torch.no_grad():
         for batch in build_loader(cfg, rank=0, world_size=1, epoch=0):
-            images = batch["images"][:, 0]  # 64 px: no resize, one window
+            images = to_device(batch, "cpu", with_superpixels=False)["images"][:, 0]  # 64 px: one window
             logits = model(images, provider.batch(denormalize(images)).long())
-            metric.update(logits.argmax(1), batch["mask"])
+            metric.update(logits.argmax(1), batch["mask"].long())
     expected = metric.compute().tolist()
     ours = list(report["class_iou"].values())
     assert all(v is None or abs(v - e) < 1e-6 for v, e in zip(ours, expected)) and any(v for v in ours)

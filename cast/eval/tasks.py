@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from cast.data import DataConfig, ShardSetError, build_loader, read_manifest
+from cast.data.batches import to_device
 from cast.eval.dense import predict_logits
 from cast.eval.distributed import WorkerContext
 from cast.eval.features import (
@@ -345,7 +346,8 @@ class SegmentationTask:
         written = []
         with torch.no_grad():
             for batch in _limit(loader, self.data.max_batches):
-                images, mask = batch["images"][:, 0].to(context.device), batch["mask"][0]
+                mask = batch["mask"][0].long()
+                images = to_device(batch, context.device, with_superpixels=False)["images"][:, 0]
                 logits = predict_logits(model, images, provider, size=self.size, resize=self.resize,
                                         window=self.window, stride=self.stride, num_classes=len(classes))
                 prediction = logits[0].argmax(0).cpu()
