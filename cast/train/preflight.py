@@ -43,9 +43,12 @@ def run_preflight(cfg: TrainConfig) -> list[str]:
     done.append(f"data.shards: {manifest.num_shards} shards, {manifest.num_samples} samples")
     done.append(check_batches(cfg, manifest))
     done.append(check_classes(cfg, manifest))
-    if cfg.objective == "linear" and cfg.linear.val_shards:
-        val = check_shards(cfg.linear.val_shards, "linear.val_shards", data_policy)
-        done.append(f"linear.val_shards: {val.num_shards} shards, {val.num_samples} samples")
+    for key, url in (("linear.val_shards", cfg.linear.val_shards if cfg.objective == "linear" else ""),
+                     ("segmentation.val_shards",
+                      cfg.segmentation.val_shards if cfg.objective == "segmentation" else "")):
+        if url:
+            val = check_shards(url, key, data_policy)
+            done.append(f"{key}: {val.num_shards} shards, {val.num_samples} samples")
     done.append(check_storage(cfg.resolved_storage_path(), _short(cfg.checkpoint.retry)))
     return [line for line in done if line]
 
@@ -70,7 +73,8 @@ def check_model(cfg: TrainConfig) -> str:
                 valid = ", ".join(sorted(hints))
                 raise ConfigError(f"model.kwargs.{key}: not an option of {cfg.model.name}; valid: {valid}")
             _coerce(value, hints[key], f"model.kwargs.{key}")
-    head = {"moco": 0, "supervised": cfg.supervised.num_classes, "linear": cfg.linear.num_classes}
+    head = {"moco": 0, "supervised": cfg.supervised.num_classes, "linear": cfg.linear.num_classes,
+            "segmentation": 0}  # the dense encoder has no head; the decoder holds the classes
 
     def build(options: dict) -> None:
         with torch.device("meta"):
@@ -159,7 +163,8 @@ def check_classes(cfg: TrainConfig, manifest: Manifest) -> str:
     if cfg.objective == "moco":
         return ""
     key = f"{cfg.objective}.num_classes"
-    num_classes = cfg.supervised.num_classes if cfg.objective == "supervised" else cfg.linear.num_classes
+    num_classes = {"supervised": cfg.supervised.num_classes, "linear": cfg.linear.num_classes,
+                   "segmentation": cfg.segmentation.num_classes}[cfg.objective]
     if not manifest.classes:
         raise ConfigError(
             f"data.shards: {manifest.url or cfg.data.shards} has no classes (unlabelled shards); "
