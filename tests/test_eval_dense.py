@@ -76,7 +76,7 @@ def test_segmentation_job_scores_a_checkpoint_and_writes_overlays(tmp_path):
     import jobs.evaluate as job
     from cast.artifacts import write_checkpoint
     from cast.data import DataConfig, build_loader
-    from cast.data.transforms import denormalize
+    from cast.data.transforms import denormalize, to_input
     from data_tools.make_shards import build_shards
     from data_tools.sample_data import pasted_segmentation
 
@@ -104,7 +104,7 @@ def test_segmentation_job_scores_a_checkpoint_and_writes_overlays(tmp_path):
                      shuffle=False, drop_remainder=False, superpixels="")
     with torch.no_grad():
         for batch in build_loader(cfg, rank=0, world_size=1, epoch=0):
-            images = batch["images"][:, 0]  # 64 px: no resize, one window
+            images = to_input(batch["images"][:, 0])  # uint8 as loaded; 64 px: no resize, one window
             logits = model(images, provider.batch(denormalize(images)).long())
             metric.update(logits.argmax(1), batch["mask"])
     expected = metric.compute().tolist()

@@ -330,6 +330,7 @@ class SegmentationTask:
                                 "with class names (layouts voc, pcontext, ade20k)")
 
     def run(self, context: WorkerContext) -> dict:
+        from cast.data.batches import to_device
         from cast.data.transforms import denormalize
         from cast.viz import save_png, semantic_panels
 
@@ -345,7 +346,8 @@ class SegmentationTask:
         written = []
         with torch.no_grad():
             for batch in _limit(loader, self.data.max_batches):
-                images, mask = batch["images"][:, 0].to(context.device), batch["mask"][0]
+                images = to_device(batch, context.device, with_superpixels=False)["images"][:, 0]
+                mask = batch["mask"][0]
                 logits = predict_logits(model, images, provider, size=self.size, resize=self.resize,
                                         window=self.window, stride=self.stride, num_classes=len(classes))
                 prediction = logits[0].argmax(0).cpu()
