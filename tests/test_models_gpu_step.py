@@ -88,3 +88,40 @@ def test_token_budget_gives_the_dynamic_outputs_plus_padding(pooling):
     assert all(torch.equal(x, y) for x, y in zip(a.seeds, b.seeds))
     with pytest.raises(ValueError, match="num_tokens"):
         timm.create_model("cast_tiny", num_tokens=8)
+
+
+def test_masked_batch_norm_equals_batch_norm_of_the_valid_rows():
+    from torch import nn
+
+    from cast.models.fusion import masked_batch_norm
+
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.randn(30, 6, generator=gen) * 3 + 1
+    valid = torch.rand(30, generator=gen) > 0.3
+    ours, reference = nn.BatchNorm1d(6), nn.BatchNorm1d(6)
+    for norm in (ours, reference):
+        nn.init.normal_(norm.weight, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):  # training mode: batch statistics of the valid rows, running stats updated alike
+        out = masked_batch_norm(ours, flat, valid)
+        expected = torch.zeros_like(flat).index_put((valid,), reference(flat[valid]))
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(reference, name), rtol=1e-5, atol=1e-6)
+    ours.eval(), reference.eval()
+    expected = torch.zeros_like(flat).index_put((valid,), reference(flat[valid]))
+    torch.testing.assert_close(masked_batch_norm(ours, flat, valid), expected)
+
+
+def test_fusion_variant_compiles_to_one_graph_with_a_token_budget():
+    """Training-mode forward (the masked BatchNorm's path) of a fusion variant; backward: see cast_small."""
+    from benchmarks.model import jittered_grid
+
+    torch.manual_seed(0)
+    model = timm.create_model("cast_seg_tiny_pretrain", num_tokens=30, pool_dropout=0.0, fusion_dropout=0.0)
+    images, superpixels = torch.randn(2, 3, 64, 64), jittered_grid(2, 64, cells=5)  # 25 labels: 5 padded
+    with torch.no_grad():
+        eager = model(images, superpixels)
+        stats = model.fusion.norm.running_mean.clone()
+        out = torch.compile(model, fullgraph=True, backend="aot_eager")(images, superpixels)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(model.fusion.norm.running_mean, stats)  # the compiled step updated them too

@@ -3,7 +3,8 @@
 Level-l tokens reach level-1 tokens through the chain of hard argmax assignments (no gradient flows into
 the assignment logits, as in the original). The concatenated [cls; tokens] rows go through
 BatchNorm1d(L*C) -> Dropout -> Linear(L*C, C); the cls row shares the batch statistics. Padded superpixel
-tokens are left out of the batch statistics unless ``padding_mask`` is None (compat).
+tokens are left out of the batch statistics unless ``padding_mask`` is None (compat), by weights rather
+than indexing (``masked_batch_norm``), so the shapes stay static.
 """
 
 from __future__ import annotations
@@ -21,6 +22,35 @@ def chain_assignments(logits: list[torch.Tensor]) -> list[torch.Tensor]:
     for level_logits in logits[1:]:
         labels.append(torch.gather(level_logits.argmax(dim=-1), 1, labels[-1]))
     return labels
+
+
+def masked_batch_norm(norm: nn.BatchNorm1d, flat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``norm`` over the ``valid`` rows of ``flat`` [N, C] only (batch statistics and running-stat update
+    as BatchNorm1d would compute on ``flat[valid]``); padded rows come out as zeros.
+
+    Static shapes (no boolean indexing, so no host sync and one compiled graph) for a plain BatchNorm1d
+    in training mode; in eval mode BatchNorm is per row anyway. A SyncBatchNorm (or a cumulative /
+    stat-less one) takes the indexed path: its statistics come from its own forward.
+    """
+    keep = valid.unsqueeze(1)
+    if not norm.training:
+        return norm(flat) * keep.to(flat.dtype)
+    if type(norm) is not nn.BatchNorm1d or not norm.track_running_stats or norm.momentum is None:
+        rows = norm(flat[valid])
+        return rows.new_zeros(flat.shape).index_put((valid,), rows)
+    x = flat.float()
+    weights = keep.float()
+    count = weights.sum()
+    mean = (x * weights).sum(0) / count
+    var = ((x - mean).square() * weights).sum(0) / count
+    with torch.no_grad():
+        norm.running_mean.lerp_(mean, norm.momentum)
+        norm.running_var.lerp_(var * count / (count - 1).clamp_min(1), norm.momentum)
+        norm.num_batches_tracked.add_(1)
+    out = (x - mean) * torch.rsqrt(var + norm.eps)
+    if norm.affine:
+        out = out * norm.weight + norm.bias
+    return (out * weights).to(flat.dtype)
 
 
 class BlockFusion(nn.Module):
@@ -49,8 +79,6 @@ class BlockFusion(nn.Module):
                 normed = self.norm(flat)
             else:
                 valid = torch.cat([padding_mask.new_zeros(batch, 1), padding_mask], dim=1).logical_not()
-                valid = valid.reshape(-1)
-                valid_rows = self.norm(flat[valid])
-                normed = valid_rows.new_zeros(flat.shape).index_put((valid,), valid_rows)
+                normed = masked_batch_norm(self.norm, flat, valid.reshape(-1))
             out = self.proj(self.drop(normed)).view(batch, length, -1)
             return out[:, 1:], out[:, 0]

@@ -312,7 +312,9 @@ class SegmentationObjective(Objective):
         if logits.shape[-2:] != masks.shape[-2:]:  # superpixels at a lower resolution (SPML: half scale)
             logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits.float(), masks, ignore_index=self.cfg.segmentation.ignore_index)
-        return loss, -1
+        return loss, None
+
+
 def compile_encoders(module: nn.Module) -> int:
     """``torch.compile`` every CAST encoder inside ``module`` in place (``nn.Module.compile``: parameter
     names and checkpoints stay as they are; the momentum update and losses stay eager). Returns the count."""

@@ -59,7 +59,7 @@ def classifier_top1(module: nn.Module, data, *, rank: int, world_size: int, devi
         correct += top1_correct(logits, batch["label"])
         total += logits.shape[0]
     module.train(was_training)
-    counts = all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64, device=device))
+    counts = all_reduce_sum(torch.tensor([float(correct), total], dtype=torch.float64, device=device))
     return float(counts[0] / counts[1].clamp_min(1)) * 100.0
 
 
