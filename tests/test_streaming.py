@@ -158,6 +158,21 @@ def test_resume_at_the_same_size_continues_the_exact_batch_order(local_shards):
         [b["key"] for b in batches[3:]] for batches in full]
 
 
+def test_repeated_augmentation_keeps_the_epoch_length_and_stays_exact_across_a_resize(local_shards):
+    """data.repeats=3: 72 images per epoch as without repeats, 24 distinct samples 3 times each, each copy
+    augmented anew; stopped after a step at 2 ranks and finished at 3, the same (sample, copy) multiset."""
+    cfg = _config(local_shards, batch_size=4, recipe="supervised", repeats=3, num_workers=0)
+    whole = _epoch(cfg, 1, 0, global_batch=24)[0]
+    counts = Counter(_keys(whole))
+    assert len(whole) == 18 and set(counts.values()) == {3} and len(counts) == 24
+    copies = [b["images"][i] for b in whole for i, k in enumerate(b["key"]) if k == whole[0]["key"][0]]
+    assert len(copies) == 3 and not torch.equal(copies[0], copies[1])  # augmented anew
+    first = [build_loader(cfg, rank=r, world_size=2, epoch=0, global_batch=24) for r in range(2)]
+    seen = _take(first, 3)
+    rest = _epoch(cfg, 3, 0, remaining=first[0].remaining(), global_batch=24)
+    assert Counter(seen + [k for batches in rest for k in _keys(batches)]) == counts
+
+
 def test_a_position_that_is_not_whole_batches_is_refused(local_shards):
     cfg = _config(local_shards, batch_size=4)
     with pytest.raises(ValueError, match="not whole batches of 4 on 3 ranks"):

@@ -187,22 +187,26 @@ def test_asha_sweep_ranks_by_knn_and_writes_the_base_recipe_plus_the_swept_value
         (r.path, r.metrics["knn_top1"]) for r in results)
 
 
-def test_supervised_validation_reports_raw_and_ema_top1_that_the_checkpoint_reproduces(
-        ray_local, shards, tmp_path):
-    """val top-1 of the trained weights and of their EMA at every epoch end; the last figures are what
-    the saved checkpoint's weights give on the same shards."""
+def test_supervised_validation_reports_raw_and_ema_top1_and_keeps_the_best_epoch(ray_local, shards, tmp_path):
+    """val top-1 of the trained weights and of their EMA every 2nd epoch and after the last; <run>/best
+    holds the best validated epoch, and its figures are what its saved weights give on the same shards."""
+    import json
+
     from cast.train.validation import classifier_top1
 
     cfg = _supervised(shards, str(tmp_path), "val", 1, 8)
-    cfg.schedule.epochs, cfg.supervised.ema_decay, cfg.supervised.val_shards = 2, 0.5, shards
+    cfg.schedule.epochs, cfg.supervised.ema_decay, cfg.supervised.val_shards = 3, 0.5, shards
+    cfg.supervised.val_every_epochs, cfg.checkpoint.best_metric = 2, "val_top1"
     metrics = fit(cfg).metrics
-    assert metrics["epoch"] == 2 and {"val_top1", "val_top1_ema"} <= set(metrics)
-    state = read_state(latest_checkpoint(str(tmp_path / "val")))
+    assert metrics["epoch"] == 3 and {"val_top1", "val_top1_ema"} <= set(metrics)
+    best = json.loads((tmp_path / "val" / "best" / "best.json").read_text())
+    assert best["epoch"] in (2, 3) and best["value"] == max(best["value"], metrics["val_top1"])
+    state = read_state(str(tmp_path / "val" / "best"))
     data = dataclasses.replace(cfg.data, shards=shards, recipe="eval", shuffle=False, drop_remainder=False)
     for key, weights in (("val_top1", state["model"]), ("val_top1_ema", state["ema"])):
         model = timm.create_model("cast_tiny", num_classes=2, **cfg.model.kwargs)
         model.load_state_dict(weights)
         again = classifier_top1(model, data, rank=0, world_size=1, device=torch.device("cpu"),
                                 provider=cfg.data.provider())
-        assert again == pytest.approx(metrics[key]), key
+        assert again == pytest.approx(best["metrics"][key]), key
     assert not all(torch.equal(state["model"][k], state["ema"][k]) for k in state["ema"])  # two models

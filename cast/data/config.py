@@ -37,6 +37,9 @@ class DataConfig:
     # logical partitions of the shard list a training epoch is defined by (0 = one per shard); fixed for a
     # run, so that its epochs do not depend on the number of workers (see cast.data.reader)
     partitions: int = 0
+    # repeated augmentation (DeiT's RASampler idea): each sample read this many times in a row, augmented
+    # anew each time; an epoch keeps N images, so about N / repeats distinct ones (training only)
+    repeats: int = 1
 
     def validate(self) -> None:
         """Fail early, naming the field, before any worker or cluster resource starts."""
@@ -46,7 +49,7 @@ class DataConfig:
 
         if self.recipe not in RECIPES:
             raise ValueError(f"data.recipe: {self.recipe!r}, expected one of {', '.join(RECIPES)}")
-        for name in ("image_size", "batch_size"):
+        for name in ("image_size", "batch_size", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("max_superpixels", "min_superpixels"):

@@ -88,12 +88,15 @@ def epoch_samples(num_samples: int, global_batch: int) -> int:
     return num_samples // global_batch * global_batch
 
 
-def full_epoch(partitions: list[list[Shard]], global_batch: int) -> list[Segment]:
-    """The segments of a whole epoch: every partition from its start, the remainder cut from the end."""
-    keep = epoch_samples(sum(s.num_samples for part in partitions for s in part), global_batch)
+def full_epoch(partitions: list[list[Shard]], global_batch: int, repeats: int = 1) -> list[Segment]:
+    """The segments of a whole epoch: every partition from its start, the remainder cut from the end.
+    With ``repeats`` r a partition's order holds each sample r times in a row and an epoch keeps N
+    images, so about N / r distinct samples (repeated augmentation)."""
+    sizes = [sum(s.num_samples for s in part) * repeats for part in partitions]
+    keep = epoch_samples(sum(sizes) // repeats, global_batch)
     segments = []
-    for index, part in enumerate(partitions):
-        take = min(keep, sum(s.num_samples for s in part))
+    for index, size in enumerate(sizes):
+        take = min(keep, size)
         keep -= take
         if take:
             segments.append((index, 0, take))
@@ -200,7 +203,7 @@ class ShardStream(IterableDataset):
         self.partitions = assign_shards(shard_set.shards, count, cfg.seed, epoch, cfg.shuffle,
                                         what="partitions (data.partitions)")
         if remaining is None:
-            self.segments = full_epoch(self.partitions, global_batch)
+            self.segments = full_epoch(self.partitions, global_batch, cfg.repeats)
             if not self.segments:
                 raise ValueError(
                     f"{shard_set.num_samples} samples give no global batch of {global_batch} "
@@ -241,12 +244,16 @@ class ShardStream(IterableDataset):
         # augmentations differ per reader and per resume point; the sample order does not depend on them
         _seed_augmentation(random.Random(f"augment|{self.cfg.seed}|{self.epoch}|{reader}|{stretch[0]}"))
         samples = self._stretch_samples(stretch, counters)
+        last, read = None, None
         for _ in range(worker_batches(self.total, self.num_workers, worker)):
             batch = []
             while len(batch) < self.cfg.batch_size:
-                decoded = self._decode(next(samples), counters)
-                if decoded is not None:
-                    batch.append(decoded)
+                sample = next(samples)
+                if sample is not last:  # a repeat (data.repeats) is decoded once, augmented anew
+                    last, read = sample, self._read(sample, counters)
+                augmented = self._augment(sample, counters, *read) if read is not None else None
+                if augmented is not None:
+                    batch.append(augmented)
             yield self._finish_batch(batch, counters)
 
     def _stretch_samples(self, stretch: list[Segment], counters: Counters) -> Iterator[dict]:
@@ -259,12 +266,14 @@ class ShardStream(IterableDataset):
             for partition, start, end in stretch:
                 rng = random.Random(f"samples|{self.cfg.seed}|{self.epoch}|partition{partition}")
                 stream = self._raw_samples(self.partitions[partition], rng, tally, report=passes == 0)
-                for index, sample in enumerate(stream):
-                    if index >= end:
+                repeats = self.cfg.repeats
+                for distinct, sample in enumerate(stream):
+                    if distinct * repeats >= end:
                         break
-                    if index >= start:  # before it: read and dropped raw, no decode
-                        produced += 1
-                        yield sample
+                    for index in range(distinct * repeats, (distinct + 1) * repeats):
+                        if start <= index < end:  # before start: read and dropped raw, no decode
+                            produced += 1
+                            yield sample
             if produced == 0:
                 raise RuntimeError(
                     f"rank {self.rank}: no usable sample in partitions "
@@ -286,9 +295,10 @@ class ShardStream(IterableDataset):
         """Every sample of this reader's shards once (the first round), in batches; the last may be short."""
         batch: list[dict] = []
         for sample in samples:
-            decoded = self._decode(sample, counters)
-            if decoded is not None:
-                batch.append(decoded)
+            read = self._read(sample, counters)
+            augmented = self._augment(sample, counters, *read) if read is not None else None
+            if augmented is not None:
+                batch.append(augmented)
             if len(batch) == self.cfg.batch_size:
                 yield self._finish_batch(batch, counters)
                 batch = []
@@ -334,7 +344,8 @@ class ShardStream(IterableDataset):
             return False
         return True
 
-    def _decode(self, sample: dict, counters: Counters) -> dict | None:
+    def _read(self, sample: dict, counters: Counters) -> tuple | None:
+        """(image, mask, label) of a sample, or None (counted) when it does not decode."""
         try:
             key, ext = sample["__key__"], image_key(sample)
             image = decode_image(sample[ext], f"{key}.{ext}")
@@ -352,6 +363,10 @@ class ShardStream(IterableDataset):
                 f"({type(error).__name__}: {error}); skipped",
             )
             return None
+        return image, mask, label
+
+    def _augment(self, sample: dict, counters: Counters, image, mask, label) -> dict | None:
+        """One augmented copy, or None (counted) when a view falls below the token budget's floor."""
         views, mask_t = self.recipe.augment(image, mask)
         out = {
             "images": torch.stack([self.recipe.finish(view) for view in views]),

@@ -299,6 +299,9 @@ class TrainConfig:
             _check(classes > 0, f"{self.objective}.num_classes", "> 0", classes)
             _check(self.supervised.val_every_epochs > 0, "supervised.val_every_epochs", "> 0",
                    self.supervised.val_every_epochs)
+            if self.objective == "supervised" and self.checkpoint.best_metric:
+                _check(bool(self.supervised.val_shards), "supervised.val_shards",
+                       f"a shard set when checkpoint.best_metric={self.checkpoint.best_metric!r}", "")
         if self.knn.bank_shards or self.knn.query_shards:
             _check(bool(self.knn.bank_shards and self.knn.query_shards), "knn.query_shards",
                    "both knn.bank_shards and knn.query_shards", self.knn.query_shards)

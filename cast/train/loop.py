@@ -130,7 +130,8 @@ class Trainer:
             if self.validation is not None and position.epoch + 1 == cfg.total_epochs:
                 self.validation.finish(extra)  # before the last report: a restart redoes both
             position.epoch, position.remaining, position.layout = position.epoch + 1, None, None
-            best = self.best is not None and self.best.improved(extra)  # same figures on every rank
+            # only epochs that validated compare (same figures on every rank)
+            best = self.best is not None and validate and self.best.improved(extra)
             self._report(window, loader, with_checkpoint=True, extra=extra, best=best)
         self.reporter.close()
         if self.sample_log is not None:
