@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import fsspec
+import pyarrow.fs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -229,3 +230,98 @@ def read_text(location: str, policy: RetryPolicy | None = None) -> str | None:
         if isinstance(error.__cause__, FileNotFoundError):
             return None
         raise
+
+
+# pyarrow's AWS default retry strategy waits 25 ms x 2^k before retry k (no cap)
+_AWS_SCALE_S = 0.025
+
+
+def ray_storage(storage_path: str, policy: RetryPolicy | None = None):
+    """``(storage_path, storage_filesystem)`` for Ray's ``RunConfig``: on ``s3://``, Ray's own writes
+    (the controller's ``checkpoint_manager_snapshot.json``, checkpoint uploads, deletions of old
+    checkpoints) go through a pyarrow S3 filesystem that retries transient errors for at least the
+    policy's deadline (pyarrow's AWS default strategy, doubling from 25 ms: up to 2x the deadline).
+    Ray's default filesystem gives up after 3 attempts, a fraction of a second of outage, and a failed
+    snapshot write of the controller ends the run. Other schemes and local paths are left to Ray."""
+    if not storage_path.startswith("s3://"):
+        return storage_path, None
+    policy = policy or RetryPolicy()
+    default, path = pyarrow.fs.FileSystem.from_uri(storage_path)
+    attempts = 1
+    while _AWS_SCALE_S * (2**attempts - 2) < policy.deadline_s:  # the sum of the waits (measured)
+        attempts += 1
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return path, pyarrow.fs.PyFileSystem(_RetryingS3(default.region, endpoint, attempts))
+
+
+class _RetryingS3(pyarrow.fs.FileSystemHandler):
+    """pyarrow's ``S3FileSystem`` with a retry strategy that survives pickling (Ray ships the
+    filesystem to its controller and workers; ``S3FileSystem`` drops ``retry_strategy`` there)."""
+
+    def __init__(self, region: str, endpoint: str | None, attempts: int):
+        self.state = (region, endpoint, attempts)
+        self._fs = None
+
+    def __getstate__(self):
+        return self.state
+
+    def __setstate__(self, state):
+        self.state, self._fs = state, None
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            region, endpoint, attempts = self.state
+            self._fs = pyarrow.fs.S3FileSystem(
+                region=region, endpoint_override=endpoint,
+                retry_strategy=pyarrow.fs.AwsDefaultS3RetryStrategy(max_attempts=attempts),
+            )
+        return self._fs
+
+    def get_type_name(self):
+        return "cast-retrying-s3"
+
+    def equals(self, other):
+        return isinstance(other, _RetryingS3) and other.state == self.state
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.fs.delete_dir_contents("/", accept_root_dir=True)
+
+    def delete_file(self, path):
+        self.fs.delete_file(path)
+
+    def move(self, src, dest):
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self.fs.open_append_stream(path, metadata=metadata)

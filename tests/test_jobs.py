@@ -2,7 +2,6 @@
 MoCo run on shards in the loopback S3 server, 2 workers, checkpoints in s3://, one worker killed
 mid-run (by pid), and the run finishing from its last checkpoint."""
 
-import json
 import os
 import re
 import signal
@@ -15,6 +14,7 @@ import boto3
 
 from data_tools.make_shards import build_shards
 from tests.fixtures.datasets import make_imagefolder
+from tests.fixtures.ray import submit_job
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "jobs/configs/moco_cast_tiny.yaml"
@@ -78,37 +78,8 @@ def test_submitted_pretraining_survives_a_killed_worker(ray_head, s3_server, tmp
         "checkpoint.keep=2",
         "logging.every_steps=1",
     ]
-    runtime_env = {
-        "working_dir": str(REPO),
-        "env_vars": s3_server.env,
-        "excludes": [".git", ".venv", "/outputs/", "__pycache__", ".pytest_cache", ".ruff_cache"],
-    }
-    command = [
-        f"{Path(sys.executable).parent}/ray",
-        "job",
-        "submit",
-        "--address",
-        ray_head.address,
-        "--no-wait",
-        "--runtime-env-json",
-        json.dumps(runtime_env),
-        "--",
-        "python",
-        "-m",
-        "jobs.pretrain",
-        "--config",
-        TINY,
-        *overrides,
-    ]
-    for _ in range(30):  # a fresh head answers HTTP before its job agent is up ("No available agent")
-        submit = subprocess.run(
-            command, env=ray_head.env, capture_output=True, text=True, timeout=120, cwd=REPO
-        )
-        if "No available agent" not in submit.stderr:
-            break
-        time.sleep(2)
-    assert submit.returncode == 0, submit.stdout + submit.stderr
-    job_id = re.search(r"Job '([^']+)' submitted successfully", submit.stdout + submit.stderr).group(1)
+    entrypoint = ["python", "-m", "jobs.pretrain", "--config", TINY, *overrides]
+    job_id = submit_job(ray_head, entrypoint, s3_server.env)
     client = ray_head.client()
 
     # wait for a checkpoint in S3, then SIGKILL one training worker process

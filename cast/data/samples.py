@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # member extensions that hold the sample's image, in order of preference; ``seg.png`` is a mask
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")
@@ -30,12 +31,42 @@ def image_key(sample: dict) -> str | None:
 
 
 def decode_image(data: bytes, source: str) -> Image.Image:
-    """Encoded image bytes -> an RGB image; ``ValueError`` naming ``source`` when they are not one."""
+    """Encoded image bytes -> an 8-bit RGB image as the user sees it; ``ValueError`` naming ``source``
+    when they are not one.
+
+    ``convert("RGB")`` alone is wrong for several modes, so (decided here, once):
+    - EXIF orientation is applied (a phone photo stored sideways is shown upright);
+    - 16-bit (``I;16*``, and ``I``, which 16-bit PNG/TIFF readers give) is scaled by 255/65535, and
+      float (``F``) by 255 when its values lie in [0, 1], else taken as 0..255; both rounded and
+      clipped (``convert`` clips 16-bit values to 255: a 16-bit photo turns almost white);
+    - transparency (``RGBA``, ``LA``, ``PA``, a palette or grey image with a transparent colour) is
+      composited over white, instead of keeping the colour under transparent pixels.
+    """
     try:
         with Image.open(io.BytesIO(data)) as picture:
-            return picture.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
+            picture.load()
+            return _to_rgb(ImageOps.exif_transpose(picture))
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:  # PIL's bad-EXIF errors included
         raise ValueError(f"{source}: not a readable image ({error})") from error
+
+
+def _to_rgb(picture: Image.Image) -> Image.Image:
+    mode = picture.mode
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(picture, dtype=np.float64)
+        if mode == "F":
+            scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        else:
+            scale = 255.0 / 65535.0
+        grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode in ("P", "L", "RGB") and "transparency" in picture.info:
+        picture = picture.convert("RGBA")
+    if picture.mode in ("RGBA", "LA", "PA"):
+        picture = picture.convert("RGBA")
+        white = Image.new("RGBA", picture.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, picture).convert("RGB")
+    return picture.convert("RGB")
 
 
 def decode_mask(data: bytes, source: str) -> Image.Image:

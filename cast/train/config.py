@@ -218,7 +218,7 @@ class TrainConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from e
         _check_model(self.model.name)
-        _check_cast_arguments(self.model.name, self.model_kwargs())
+        _check_cast_arguments(self.model.name, self.model_kwargs(), set(self.model.kwargs))
         _check_provider(self.data)
         _check(self.model.precision in PRECISIONS, "model.precision", f"one of {PRECISIONS}",
                self.model.precision)
@@ -364,11 +364,22 @@ def _architecture(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k not in NON_CONFIG_ARGS}
 
 
-def _check_cast_arguments(name: str, kwargs: dict) -> None:
-    """A CAST variant's arguments (model.kwargs and the token budget data.max_superpixels) build a config."""
+def _check_cast_arguments(name: str, kwargs: dict, own: set[str]) -> None:
+    """A CAST variant's arguments (model.kwargs and the token budget data.max_superpixels) build a config;
+    an unknown or ill-typed one is named by its key (``own``: the keys that came from model.kwargs)."""
+    import typing
+
+    from cast.config import _coerce
     from cast.models import PRESETS, cast_config
+    from cast.models.cast import CASTConfig
 
     if name in PRESETS:
+        hints = typing.get_type_hints(CASTConfig)
+        for key, value in _architecture(kwargs).items():
+            where = f"model.kwargs.{key}" if key in own else "data.max_superpixels"
+            if key not in hints:
+                raise ConfigError(f"{where}: not an option of {name}; valid: {', '.join(sorted(hints))}")
+            _coerce(value, hints[key], where)
         try:
             cast_config(name, **_architecture(kwargs))
         except (ValueError, TypeError) as e:

@@ -14,7 +14,7 @@ from ray.train import UserCallback
 from cast.artifacts import CONFIG_FILE, latest_checkpoint
 from cast.config import ConfigError, dump_config
 from cast.eval.model_loading import checkpoint_location
-from cast.storage import join, write_text
+from cast.storage import join, ray_storage, write_text
 from cast.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
     resources = dict(cfg.ray.resources_per_worker) or None
     low, high = cfg.worker_range
     elastic = {"elastic_resize_monitor_interval_s": cfg.ray.resize_interval_s} if low < high else {}
+    # Ray's own storage writes under the checkpoint policy too (see cast.storage.ray_storage)
+    storage_path, storage_filesystem = ray_storage(cfg.resolved_storage_path(), cfg.checkpoint.retry)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg},
@@ -72,7 +74,8 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(
             name=cfg.ray.name,
-            storage_path=cfg.resolved_storage_path(),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             callbacks=[ProgressLine(), *(callbacks or [])],

@@ -2,8 +2,9 @@
 workers, after a cluster was claimed and three worker-group attempts were spent, fails here in
 seconds with the config key named (``ConfigError``; the job exits 2).
 
-- the model: built on the ``meta`` device (no memory, no weights), each ``model.kwargs`` key checked
-  against the CAST variant's typed fields, an unknown or ill-typed key named;
+- the model: built on the ``meta`` device (no memory, no weights), as the objective builds it; a
+  failure names the ``model.kwargs`` key at fault (unknown or ill-typed keys of a CAST variant are
+  already named by ``TrainConfig.validate``);
 - the superpixel provider the model needs;
 - the shards (``data.shards``, ``linear.val_shards``): the manifest reads, every shard it lists exists
   (one listing per folder, not one request per shard);
@@ -20,12 +21,11 @@ from __future__ import annotations
 import dataclasses
 import posixpath
 import re
-import typing
 import uuid
 
 import fsspec
 
-from cast.config import ConfigError, _coerce
+from cast.config import ConfigError
 from cast.data.reader import epoch_samples
 from cast.data.shards import Manifest, ShardSetError, list_shards
 from cast.storage import RetryPolicy, StorageError, join, retry, write_bytes
@@ -62,23 +62,12 @@ def check_model(cfg: TrainConfig) -> str:
     import timm
     import torch
 
-    from cast.models.cast import CASTConfig
-    from cast.models.registry import PRESETS
-
-    kwargs = dict(cfg.model.kwargs)
-    if cfg.model.name in PRESETS:  # a CAST variant: its options are typed dataclass fields
-        hints = typing.get_type_hints(CASTConfig)
-        for key, value in kwargs.items():
-            if key not in hints:
-                valid = ", ".join(sorted(hints))
-                raise ConfigError(f"model.kwargs.{key}: not an option of {cfg.model.name}; valid: {valid}")
-            _coerce(value, hints[key], f"model.kwargs.{key}")
-    head = {"moco": 0, "supervised": cfg.supervised.num_classes, "linear": cfg.linear.num_classes,
-            "segmentation": 0}  # the dense encoder has no head; the decoder holds the classes
+    kwargs = cfg.model_kwargs()  # option names and types were checked by TrainConfig.validate
+    head = {"supervised": cfg.supervised.num_classes, "linear": cfg.linear.num_classes}.get(cfg.objective, 0)
 
     def build(options: dict) -> None:
         with torch.device("meta"):
-            timm.create_model(cfg.model.name, num_classes=head[cfg.objective], **options)
+            timm.create_model(cfg.model.name, num_classes=head, **options)
 
     try:
         build(kwargs)
@@ -159,12 +148,12 @@ def check_batches(cfg: TrainConfig, manifest: Manifest) -> str:
 
 
 def check_classes(cfg: TrainConfig, manifest: Manifest) -> str:
-    """A labelled objective's head must cover every class of the shards' manifest."""
-    if cfg.objective == "moco":
+    """A classifier's head must cover every class of the shards' manifest (MoCo has no labels; dense
+    labels are checked against their classes when the shards are built)."""
+    if cfg.objective not in ("supervised", "linear"):
         return ""
     key = f"{cfg.objective}.num_classes"
-    num_classes = {"supervised": cfg.supervised.num_classes, "linear": cfg.linear.num_classes,
-                   "segmentation": cfg.segmentation.num_classes}[cfg.objective]
+    num_classes = cfg.supervised.num_classes if cfg.objective == "supervised" else cfg.linear.num_classes
     if not manifest.classes:
         raise ConfigError(
             f"data.shards: {manifest.url or cfg.data.shards} has no classes (unlabelled shards); "
