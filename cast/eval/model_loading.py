@@ -1,7 +1,7 @@
 """Build a CAST model for evaluation or inference from a checkpoint (path or any fsspec URL).
 
 Accepted: a training checkpoint of ours (a ``checkpoint_*`` folder, or a run folder: its newest
-complete checkpoint; a MoCo run contributes its base encoder); a state dict in our key names (bare,
+complete checkpoint; a MoCo run contributes its base encoder, a dense fine-tuning run its encoder); a state dict in our key names (bare,
 or under ``model``/``state_dict``, ``module.`` prefixes allowed); or a released original checkpoint
 (MoCo ``.pth.tar``, DeiT ``.pth``, linear-probe, Segmenter, SPML) through
 ``cast.models.load_original_checkpoint``. The backbone must load completely; heads and projectors may
@@ -43,9 +43,12 @@ def own_state_dict(checkpoint: dict, model: CAST) -> dict[str, torch.Tensor] | N
     if not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return None
     state = {k.removeprefix("module."): v for k, v in checkpoint.items()}
-    encoder = "base_encoder."  # a MoCo run: the query encoder is the one evaluated (as the reference does)
-    if any(k.startswith(encoder) for k in state):
-        state = {k.removeprefix(encoder): v for k, v in state.items() if k.startswith(encoder)}
+    # a MoCo run: the query encoder is the one evaluated (as the reference does); a dense fine-tuning
+    # run (DenseSegmenter): its encoder, without the decoder
+    for encoder in ("base_encoder.", "encoder."):
+        if any(k.startswith(encoder) for k in state):
+            state = {k.removeprefix(encoder): v for k, v in state.items() if k.startswith(encoder)}
+            break
     ours = model.state_dict()
     return state if sum(k in state for k in ours) >= 0.9 * len(ours) else None
 
