@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 
@@ -38,14 +39,44 @@ def write_checkpoint(folder: str, state: dict, config_yaml: str) -> str:
     return folder
 
 
+LOCAL_CHECKPOINT_PREFIX = "cast-ckpt-"
+
+
 def new_checkpoint_folder(state: dict, config_yaml: str) -> str:
-    """A new local temp folder holding the checkpoint; on any error it is removed and re-raised."""
-    folder = tempfile.mkdtemp(prefix="cast-ckpt-")
+    """A new local temp folder holding the checkpoint; on any error it is removed and re-raised.
+
+    Its name carries the writer's pid, so that a folder left by a killed worker (mid-save or
+    mid-upload) is found and removed on the next start (``remove_orphaned_checkpoint_folders``)."""
+    folder = tempfile.mkdtemp(prefix=f"{LOCAL_CHECKPOINT_PREFIX}{os.getpid()}-")
     try:
         return write_checkpoint(folder, state, config_yaml)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+def remove_orphaned_checkpoint_folders(root: str | None = None) -> list[str]:
+    """Remove the local checkpoint folders under ``root`` (the temp dir) whose writer process is gone;
+    the removed paths. Folders of live processes (other workers of this machine) are left alone."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    for entry in os.scandir(root):
+        match = re.fullmatch(rf"{LOCAL_CHECKPOINT_PREFIX}(\d+)-\w+", entry.name)
+        if match is None or not entry.is_dir() or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def read_state(location: str) -> dict:

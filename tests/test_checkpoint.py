@@ -16,7 +16,14 @@ from torch import nn
 from cast import artifacts as ckpt
 from cast.artifacts import COMPLETE_MARKER, latest_checkpoint, new_checkpoint_folder, read_state
 from cast.storage import PermanentStorageError, RetryPolicy, StorageUnreachable
-from cast.train.checkpoint import Position, checkpoint_name, retrying_upload, rng_state, set_rng_state
+from cast.train.checkpoint import (
+    Position,
+    TrainState,
+    checkpoint_name,
+    retrying_upload,
+    rng_state,
+    set_rng_state,
+)
 
 
 def _model_and_optimizer():
@@ -141,3 +148,33 @@ def test_transient_upload_errors_are_retried(tmp_path):
     with pytest.raises(PermanentStorageError, match="not retried"):
         denied(Checkpoint.from_directory(new_checkpoint_folder(state, "")), "checkpoint_c")
     assert latest_checkpoint(storage).endswith("checkpoint_a")
+
+
+def test_a_killed_writers_local_checkpoint_folder_is_removed_on_the_next_start(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+
+    from cast.artifacts import remove_orphaned_checkpoint_folders
+
+    def killed_writer() -> str:
+        writer = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time; from cast.artifacts import new_checkpoint_folder; "
+             "print(new_checkpoint_folder({'w': 1}, ''), flush=True); time.sleep(600)"],
+            env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE, text=True,
+        )
+        folder = writer.stdout.readline().strip()
+        os.kill(writer.pid, signal.SIGKILL)  # a worker killed between save and upload
+        writer.wait()
+        assert os.path.isdir(folder) and os.path.dirname(folder) == str(tmp_path)
+        return folder
+
+    orphan = killed_writer()
+    live = tempfile.mkdtemp(prefix=f"cast-ckpt-{os.getpid()}-", dir=tmp_path)  # this process: alive
+    assert remove_orphaned_checkpoint_folders(str(tmp_path)) == [orphan]
+    assert not os.path.exists(orphan) and os.path.isdir(live)
+    orphan = killed_writer()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model, optimizer = _model_and_optimizer()
+    TrainState(model, optimizer, None, rank=0, world_size=1, seed=0, config_yaml="")  # a worker's start
+    assert not os.path.exists(orphan) and os.path.isdir(live)

@@ -20,7 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from cast.artifacts import COMPLETE_MARKER, latest_checkpoint, new_checkpoint_folder, read_state
+from cast.artifacts import (
+    COMPLETE_MARKER,
+    latest_checkpoint,
+    new_checkpoint_folder,
+    read_state,
+    remove_orphaned_checkpoint_folders,
+)
 from cast.storage import RetryPolicy, retry
 from cast.train.distributed import gather_objects
 
@@ -110,6 +116,8 @@ class TrainState:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.config_yaml = config_yaml
         self.position = Position(world_size=world_size)
+        for folder in remove_orphaned_checkpoint_folders():  # left by a worker killed mid-save/upload
+            log.info("removed the orphaned local checkpoint folder %s", folder)
 
     def save(self) -> str | None:
         """All ranks take part (their RNG states are gathered); rank 0 gets the local checkpoint folder
