@@ -25,8 +25,9 @@ class VerifyReport:
         return not self.problems and self.found == self.expected
 
 
-def _check_sample(sample: dict, labelled: bool) -> str | None:
-    """What is wrong with a sample, decoded as the training reader decodes it (``None``: nothing)."""
+def _check_sample(sample: dict, labelled: bool, num_classes: int = 0) -> str | None:
+    """What is wrong with a sample, decoded as the training reader decodes it (``None``: nothing);
+    a ``cls`` label must index the manifest's ``classes`` (``num_classes``)."""
     key = image_key(sample)
     if key is None:
         return "no image member"
@@ -36,9 +37,11 @@ def _check_sample(sample: dict, labelled: bool) -> str | None:
         decode_image(sample[key], f"{sample['__key__']}.{key}")
         if MASK_KEY in sample:
             decode_mask(sample[MASK_KEY], f"{sample['__key__']}.{MASK_KEY}")
-        decode_label(sample)
+        label = decode_label(sample)
     except Exception as error:  # noqa: BLE001 - any decode failure is a finding to report
         return f"undecodable ({type(error).__name__}: {error})"
+    if num_classes and LABEL_KEY in sample and not 0 <= label < num_classes:
+        return f"label {label} outside 0..{num_classes - 1} (the {num_classes} classes of _info.json)"
     return None
 
 
@@ -51,11 +54,11 @@ def verify(spec: str) -> VerifyReport:
         count = 0
         for sample in iter_raw_samples(shard.url, counters):
             count += 1
-            problem = _check_sample(sample, labelled)
+            problem = _check_sample(sample, labelled, len(shard_set.classes))
             if problem:
                 report.problems.append(f"{shard.url}: sample {sample['__key__']}: {problem}")
-        if counters["truncated_shard"]:
-            report.problems.append(f"{shard.url}: truncated or unreadable tar")
+        for reason in sorted(counters):  # truncated_shard, missing_shard, unreachable_shard
+            report.problems.append(f"{shard.url}: {reason} ({'; '.join(counters.messages) or 'no detail'})")
         if count != shard.num_samples:
             report.problems.append(f"{shard.url}: {count} samples, _info.json says {shard.num_samples}")
         report.found += count

@@ -222,3 +222,24 @@ def test_timm_and_webdataset_read_our_shards(folder, tmp_path):
     split = f"../val/val-{{000000..{val.num_shards - 1:06d}}}.tar|{val.num_samples}"
     evaluation = create_dataset("wds/cast", root=str(dest), split=split)
     assert len(evaluation) == 48 and sum(1 for _ in evaluation) == 48
+
+
+def test_verify_names_an_out_of_range_label_and_a_missing_shard(tmp_path, capsys):
+    make_imagefolder(tmp_path / "src", num_classes=2, per_class=4, size=16)
+    dest = tmp_path / "s"
+    build_shards(str(tmp_path / "src"), str(dest), "imagefolder", max_count=4, progress=False)
+    shard = dest / "train-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    bad = next(m.name for m, _ in members if m.name.endswith(".cls"))
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            data = b"7" if member.name == bad else data  # 2 classes in _info.json: labels 0..1
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    (dest / "train-000001.tar").unlink()  # listed in _info.json, gone
+    assert verify_main([str(dest)]) == 1
+    err = capsys.readouterr().err
+    key = bad.rsplit(".", 1)[0]
+    assert f"train-000000.tar: sample {key}: label 7 outside 0..1" in err
+    assert "train-000001.tar: missing_shard" in err and "train-000001.tar: 0 samples" in err
