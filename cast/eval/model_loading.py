@@ -2,8 +2,8 @@
 
 Accepted: a training checkpoint of ours (a ``checkpoint_*`` folder, or a run folder: its newest
 complete checkpoint; a MoCo run contributes its base encoder, a dense fine-tuning run its encoder); a
-state dict in our key names (bare, or under ``model``/``state_dict``, ``module.`` prefixes allowed); or a released original checkpoint
-(MoCo ``.pth.tar``, DeiT ``.pth``, linear-probe, Segmenter, SPML) through
+state dict in our key names (bare, or under ``model``/``state_dict``, ``module.`` prefixes allowed); or a
+released original checkpoint (MoCo ``.pth.tar``, DeiT ``.pth``, linear-probe, Segmenter, SPML) through
 ``cast.models.load_original_checkpoint``. The backbone must load completely; heads and projectors may
 be absent (the encoder's embedding is what we evaluate).
 """
