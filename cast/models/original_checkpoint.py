@@ -10,13 +10,15 @@ Layouts handled (shared/reference/cast_reference.md section 6):
 Backbone names: ``patch_embed.proj.N`` -> ``stem.proj.N``; ``blocks.i`` and its aliases ``blocksS.i``
 (sliced, global numbering) or ``blocksS.j`` (cast_seg, per-stage numbering) -> ``blocks.i``;
 ``poolL.pool_block.*`` -> ``pools.{L-1}.*``;
-``block_fusion.proj_blocks.{0.norm,2}`` -> ``fusion.{norm,proj}``.
+``block_fusion.proj_blocks.{0.norm,2}`` -> ``fusion.{norm,proj}`` (``KEY_TABLE``, read in both directions:
+``to_original_checkpoint`` writes our weights back in the ``deit`` and ``moco`` layouts).
 This is the only module of ``cast.models`` that does IO.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,6 +141,32 @@ def _stage_numbering(keys: list[str], model: CAST) -> dict[int, int]:
     return offsets
 
 
+# One renaming table for both directions: (original prefix, our prefix). "{}" is a pooling level, 1-based in
+# the original (pool1..pool4) and 0-based in ours (pools.0..3). Keys under _SAME_NAMES keep their names;
+# transformer blocks (flat, sliced aliases or per-stage numbering) are handled apart.
+KEY_TABLE: tuple[tuple[str, str], ...] = (
+    ("patch_embed.proj.", "stem.proj."),
+    ("pool{}.pool_block.", "pools.{}."),
+    ("block_fusion.proj_blocks.0.norm.", "fusion.norm."),
+    ("block_fusion.proj_blocks.2.", "fusion.proj."),
+)
+_SAME_NAMES = ("cls_token", "pos_embed", "blocks.", "head.", "norm.")
+
+
+def _same_name(key: str) -> bool:
+    return key in _SAME_NAMES[:2] or key.startswith(_SAME_NAMES[2:])
+
+
+def _rename(key: str, to_ours: bool) -> str | None:
+    """``key`` renamed through ``KEY_TABLE`` (original -> ours, or ours -> original); None if no row fits."""
+    for original, ours in KEY_TABLE:
+        source, target, shift = (original, ours, -1) if to_ours else (ours, original, 1)
+        match = re.match(re.escape(source).replace(r"\{\}", r"(\d+)"), key)
+        if match:
+            return target.format(*(int(g) + shift for g in match.groups())) + key[match.end() :]
+    return None
+
+
 def map_backbone_keys(
     state: dict[str, Tensor], model: CAST
 ) -> tuple[dict[str, Tensor], list[str], list[str]]:
@@ -154,30 +182,76 @@ def map_backbone_keys(
         if key == "pe_token" or (key.startswith("norm.") and not has_final_norm):
             ignored.append(key)  # zeros (MoCo cls position) / a final norm the dense models never use
             continue
-        if (
-            key in ("cls_token", "pos_embed")
-            or key.startswith(("blocks.", "head."))
-            or (key.startswith("norm.") and has_final_norm)
-        ):
+        if _same_name(key):
             target = key
-        elif key.startswith("patch_embed.proj."):
-            target = "stem.proj." + key[len("patch_embed.proj.") :]
         elif match := re.match(r"blocks(\d+)\.(\d+)\.(.+)", key):
             if has_flat_blocks:
                 ignored.append(key)  # alias of blocks.i (the sliced Sequentials share modules)
                 continue
             target = f"blocks.{offsets[int(match[1])] + int(match[2])}.{match[3]}"
-        elif match := re.match(r"pool(\d+)\.pool_block\.(.+)", key):
-            target = f"pools.{int(match[1]) - 1}.{match[2]}"
-        elif key.startswith("block_fusion.proj_blocks.0.norm."):
-            target = "fusion.norm." + key[len("block_fusion.proj_blocks.0.norm.") :]
-        elif key.startswith("block_fusion.proj_blocks.2."):
-            target = "fusion.proj." + key[len("block_fusion.proj_blocks.2.") :]
+        else:
+            target = _rename(key, to_ours=True)
         if target is None:
             unexpected.append(key)
         else:
             mapped[target] = value
     return mapped, ignored, unexpected
+
+
+def backbone_to_original(state: dict[str, Tensor], model: CAST) -> dict[str, Tensor]:
+    """Our names -> the original's (the inverse of ``map_backbone_keys``), the key set the original model's
+    ``state_dict()`` has: ``blocks.i`` plus its sliced alias ``blocksS.i`` for ``cast.py``/``cast_deit.py``,
+    only ``blocksS.j`` (per-stage numbering) for the fused ``cast_seg`` models, ``pe_token`` (zeros) beside
+    sin-cos positions. ``model`` gives the structure only (stages, fusion, position kind)."""
+    starts = (0,) + model.stage_ends[:-1]
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if match := re.match(r"blocks\.(\d+)\.(.+)", key):
+            index = int(match[1])
+            stage = bisect.bisect_right(model.stage_ends, index)
+            if model.uses_fusion:
+                out[f"blocks{stage + 1}.{index - starts[stage]}.{match[2]}"] = value
+            else:
+                out[key] = out[f"blocks{stage + 1}.{index}.{match[2]}"] = value
+        elif _same_name(key):
+            out[key] = value
+        elif (renamed := _rename(key, to_ours=False)) is not None:
+            out[renamed] = value
+        else:
+            raise ValueError(f"backbone_to_original: {key!r} is not a CAST backbone key (no original name)")
+    if model.config.pos_embed == "sincos":
+        out["pe_token"] = torch.zeros(1, 1, model.embed_dim, dtype=model.cls_token.dtype)
+    return out
+
+
+EXPORT_LAYOUTS = ("deit", "moco")
+
+
+def to_original_checkpoint(state: dict[str, Tensor], model: CAST, layout: str, **meta: Any) -> dict[str, Any]:
+    """Our weights as the original code saves them, for its loaders. ``deit``: ``state`` is a CAST state
+    dict, written as ``{'model': ...}`` (``best_checkpoint.pth``); ``moco``: ``state`` is our MoCo module's
+    (``base_encoder.*`` with the projector as ``head.N``, ``momentum_encoder.*``, ``predictor.*``), written
+    as ``{'state_dict': 'module.'-prefixed}`` (``checkpoint_XXXX.pth.tar``) with ``model`` the encoder.
+    ``meta`` (epoch, arch, ...) goes beside at the top level."""
+    if layout == "deit":
+        if any(k.startswith(("base_encoder.", "momentum_encoder.")) for k in state):
+            raise ValueError(
+                "to_original_checkpoint: a MoCo state (base_encoder.*) in layout 'deit'; use layout 'moco'"
+            )
+        return {"model": backbone_to_original(state, model), **meta}
+    if layout == "moco":
+        out: dict[str, Tensor] = {}
+        for part in ("base_encoder", "momentum_encoder"):
+            encoder = _strip(state, f"{part}.")
+            if not encoder:
+                raise ValueError(f"to_original_checkpoint: layout 'moco' needs {part}.* keys (a MoCo run)")
+            out.update({f"module.{part}.{k}": v for k, v in backbone_to_original(encoder, model).items()})
+        out.update({f"module.{k}": v for k, v in state.items() if k.startswith("predictor.")})
+        left = [k for k in state if not k.startswith(("base_encoder.", "momentum_encoder.", "predictor."))]
+        if left:
+            raise ValueError(f"to_original_checkpoint: keys outside the MoCo modules: {left[:8]}")
+        return {"state_dict": out, **meta}
+    raise ValueError(f"to_original_checkpoint: layout {layout!r} is not one of {EXPORT_LAYOUTS}")
 
 
 def _fit_positions(value: Tensor, ours: Tensor, has_cls_row: bool) -> Tensor | None:
