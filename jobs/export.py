@@ -31,6 +31,9 @@ from cast.train.objectives import build_objective
 def export_checkpoint(checkpoint: str, layout: str, weights: str = "raw") -> dict:
     """The original-layout dict of ``checkpoint`` (our checkpoint or run folder). ValueError naming the
     checkpoint when it has no EMA weights for ``weights='ema'`` or does not fit ``layout``."""
+    fs, path = fsspec.core.url_to_fs(checkpoint)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"{checkpoint}: no such checkpoint or run folder")
     folder = latest_checkpoint(checkpoint)
     state = read_state(folder)
     cfg = load_config(TrainConfig, join(folder, CONFIG_FILE))
@@ -69,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
                         help="the trained weights or the model EMA of a supervised run (default raw)")
     args = parser.parse_args(argv)
-    exported = export_checkpoint(args.checkpoint, args.layout, args.weights)
+    try:
+        exported = export_checkpoint(args.checkpoint, args.layout, args.weights)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"jobs.export: {error}", file=sys.stderr)
+        return 2
     state = exported.get("model", exported.get("state_dict"))
     print(f"wrote {save(exported, args.out)}: layout {args.layout}, {len(state)} tensors, "
           f"{args.weights} weights of epoch {exported['epoch']}")

@@ -45,6 +45,9 @@ def test_deit_export_of_the_ema_and_raw_weights_round_trips(tmp_path, capsys):
     # the command line of the README, in this process (a fresh interpreter would cost ~7 s of imports)
     assert main(["--checkpoint", str(best), "--layout", "deit", "--out", str(out), "--weights", "ema"]) == 0
     assert "ema weights of epoch 7" in capsys.readouterr().out
+    missing = str(tmp_path / "no-run")
+    assert main(["--checkpoint", missing, "--layout", "deit", "--out", str(tmp_path / "x.pth")]) == 2
+    assert f"{missing}: no such checkpoint or run folder" in capsys.readouterr().err
 
     exported = torch.load(out, map_location="cpu", weights_only=True)
     assert set(exported) == {"model", "epoch", "arch"} and exported["epoch"] == 7
