@@ -5,10 +5,11 @@
     python -m jobs.export --checkpoint s3://b/runs/moco --layout moco --out checkpoint_0099.pth.tar
 
 ``--checkpoint`` is a checkpoint folder (``<run>/best``, ``checkpoint_*``) or a run folder (its newest
-complete checkpoint). ``deit`` writes ``{'model', 'epoch', 'arch'}`` (DeiT's ``best_checkpoint.pth``) of a
-supervised run, with the raw or the EMA weights; ``moco`` writes ``{'state_dict', 'epoch', 'arch'}``
-(MoCo-v3's ``checkpoint_XXXX.pth.tar``) of a MoCo run. The model is rebuilt from the checkpoint's
-``config.yaml`` to know its structure; the key map is ``cast.models.original_checkpoint.KEY_TABLE``.
+complete checkpoint). ``deit`` writes ``{'model', 'model_ema', 'epoch', 'arch'}`` (DeiT's
+``best_checkpoint.pth``) of a supervised run: ``model`` holds the raw or the EMA weights (``--weights``),
+``model_ema`` the EMA when the run kept one. ``moco`` writes ``{'state_dict', 'epoch', 'arch'}`` (MoCo-v3's
+``checkpoint_XXXX.pth.tar``) of a MoCo run. The model is rebuilt from the checkpoint's ``config.yaml`` to
+know its structure; the key map is ``cast.models.original_checkpoint.KEY_TABLE``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from cast.artifacts import CONFIG_FILE, latest_checkpoint, read_state
 from cast.config import load_config
-from cast.models.original_checkpoint import EXPORT_LAYOUTS, to_original_checkpoint
+from cast.models.original_checkpoint import EXPORT_LAYOUTS, backbone_to_original, to_original_checkpoint
 from cast.storage import join
 from cast.train.config import TrainConfig
 from cast.train.objectives import build_objective
@@ -50,6 +51,8 @@ def export_checkpoint(checkpoint: str, layout: str, weights: str = "raw") -> dic
     encoder = getattr(module, "base_encoder", module)  # a MoCo module: the encoder gives the structure
     meta = {"epoch": state.get("position", {}).get("epoch", 0), "arch": cfg.model.name}
     try:
+        if layout == "deit" and "ema" in state:  # DeiT keeps its EMA beside the model, as model_ema
+            meta["model_ema"] = backbone_to_original(state["ema"], encoder)
         return to_original_checkpoint(weights_state, encoder, layout, **meta)
     except ValueError as error:
         raise ValueError(f"{folder} ({cfg.objective} run of {cfg.model.name}): {error}") from error

@@ -50,7 +50,9 @@ def test_deit_export_of_the_ema_and_raw_weights_round_trips(tmp_path, capsys):
     assert f"{missing}: no such checkpoint or run folder" in capsys.readouterr().err
 
     exported = torch.load(out, map_location="cpu", weights_only=True)
-    assert set(exported) == {"model", "epoch", "arch"} and exported["epoch"] == 7
+    assert set(exported) == {"model", "model_ema", "epoch", "arch"} and exported["epoch"] == 7
+    for key, value in exported["model_ema"].items():  # DeiT's own copy of the EMA, as the chosen weights here
+        torch.testing.assert_close(value, exported["model"][key], rtol=0, atol=0, msg=key)
     # the original cast_deit state_dict keys: blocks.i and sliced aliases blocksS.i, patch_embed, pool{L}
     assert set(exported["model"]) == set(reference.original_backbone(objective.ema.module))
     for weights, source in (("ema", objective.ema.module), ("raw", module)):
