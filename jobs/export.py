@@ -38,6 +38,9 @@ def export_checkpoint(checkpoint: str, layout: str, weights: str = "raw") -> dic
     folder = latest_checkpoint(checkpoint)
     state = read_state(folder)
     cfg = load_config(TrainConfig, join(folder, CONFIG_FILE))
+    if cfg.objective not in ("supervised", "moco"):
+        raise ValueError(f"{folder}: a {cfg.objective} run; the original layouts export supervised (deit) "
+                         "and moco runs")
     if weights == "ema":
         if "ema" not in state:
             raise ValueError(f"{folder}: holds no EMA weights (trained with supervised.ema_decay=0?); "
@@ -47,8 +50,9 @@ def export_checkpoint(checkpoint: str, layout: str, weights: str = "raw") -> dic
         weights_state = state["model"]
     else:
         raise ValueError(f"--weights: {weights!r} is not raw or ema")
-    module = build_objective(cfg).build()
-    encoder = getattr(module, "base_encoder", module)  # a MoCo module: the encoder gives the structure
+    with torch.device("meta"):  # the structure only (stages, fusion, positions): no memory, no init
+        module = build_objective(cfg).build()
+    encoder = getattr(module, "base_encoder", module)  # a MoCo module: its encoder
     meta = {"epoch": state.get("position", {}).get("epoch", 0), "arch": cfg.model.name}
     try:
         if layout == "deit" and "ema" in state:  # DeiT keeps its EMA beside the model, as model_ema

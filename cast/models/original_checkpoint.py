@@ -220,7 +220,7 @@ def backbone_to_original(state: dict[str, Tensor], model: CAST) -> dict[str, Ten
         else:
             raise ValueError(f"backbone_to_original: {key!r} is not a CAST backbone key (no original name)")
     if model.config.pos_embed == "sincos":
-        out["pe_token"] = torch.zeros(1, 1, model.embed_dim, dtype=model.cls_token.dtype)
+        out["pe_token"] = torch.zeros(1, 1, model.embed_dim, dtype=model.cls_token.dtype, device="cpu")
     return out
 
 
