@@ -9,6 +9,7 @@ import torch
 import cast.models as cm
 from cast.artifacts import COMPLETE_MARKER
 from cast.config import dump_config, load_config
+from cast.models.original_checkpoint import backbone_to_original
 from cast.train.checkpoint import TrainState
 from cast.train.config import TrainConfig
 from cast.train.objectives import build_objective
@@ -95,3 +96,13 @@ def test_moco_export_round_trips_both_encoders_projector_and_predictor(tmp_path)
         export_checkpoint(str(best), "moco", weights="ema")
     with pytest.raises(ValueError, match=r"moco run of cast_tiny.*use layout 'moco'"):
         export_checkpoint(str(best), "deit")
+
+
+def test_fused_models_export_per_stage_block_numbering():
+    """cast_seg's layout (no blocks.i, blocksS.j from 0 per stage, block_fusion) from the same table."""
+    source = reference.randomise(cm.create_model("cast_seg_tiny"), seed=2)
+    exported = backbone_to_original(source.state_dict(), source)
+    assert set(exported) == set(reference.original_backbone(source, per_stage_numbering=True))
+    fresh = cm.create_model("cast_seg_tiny")
+    assert cm.load_original_checkpoint(exported, fresh, strict=True).layout == "state_dict"
+    reference.assert_same_weights(source, fresh)
