@@ -358,7 +358,7 @@ def list_shards(spec: str, policy: RetryPolicy | None = None) -> Manifest:
 
 class Counters(Counter):
     """Skip/corruption counts by reason (``corrupt_image``, ``missing_key``, ``truncated_shard``,
-    ``missing_shard``, ``unreachable_shard``, ...) plus
+    ``missing_shard``, ``unreachable_shard``, ``manifest_count_mismatch``, ...) plus
     the messages naming the shard and sample, kept so DataLoader workers can hand them to the main
     process, which logs them (a worker's own log records never reach the training loop's handlers)."""
 
