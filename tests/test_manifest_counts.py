@@ -30,7 +30,7 @@ def built(tmp_path_factory) -> Path:
 def _claiming(built: Path, tmp_path: Path, claims: list[int]) -> Path:
     """A copy of the 8-sample set whose _info.json claims ``claims`` samples per shard."""
     dest = tmp_path / "claimed"
-    dest.mkdir()
+    dest.mkdir(parents=True)
     for tar in built.glob("*.tar"):
         (dest / tar.name).write_bytes(tar.read_bytes())
     (dest / INFO_FILE).write_bytes((built / INFO_FILE).read_bytes())
@@ -107,3 +107,18 @@ def test_verified_counts_of_another_manifest_are_ignored(built, tmp_path, caplog
     manifest = read_manifest(str(dest))
     assert manifest.num_samples == 80 and not manifest.verified_from
     assert any(f"{VERIFIED_FILE}: ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_one_reader_of_all_ranks_checks_a_partition_shared_by_several(built, tmp_path):
+    """One partition of both shards, split between two ranks: only the reader reading furthest counts
+    them, so the counters summed over ranks say 2, not 4."""
+    dest = _claiming(built, tmp_path, [1, 1])
+    cfg = _config(dest, partitions=1, batch_size=1)
+    loaders = [build_loader(cfg, rank=rank, world_size=2, epoch=0) for rank in range(2)]
+    assert [len(_keys(loader)) for loader in loaders] == [1, 1]
+    assert [loader.counters[MISMATCH] for loader in loaders] == [0, 2]
+
+    # claimed 80: the second rank's half of the partition lies past the 8 real samples
+    over = _claiming(built, tmp_path / "over", [40, 40])
+    with pytest.raises(RuntimeError, match="no usable sample.*verify_shards"):
+        _keys(build_loader(_config(over, partitions=1), rank=1, world_size=2, epoch=0))

@@ -298,7 +298,9 @@ class ShardStream(IterableDataset):
             if produced == 0:
                 raise RuntimeError(
                     f"rank {self.rank}: no usable sample in partitions "
-                    f"{sorted({p for p, _, _ in stretch})} (skips so far: {dict(counters)})"
+                    f"{sorted({p for p, _, _ in stretch})} (skips so far: {dict(counters)}); shards "
+                    "holding fewer samples than their manifest claims do this: check them with "
+                    "`python -m data_tools.verify_shards`"
                 )
             passes += 1
             if passes == 1:
