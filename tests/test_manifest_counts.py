@@ -9,6 +9,7 @@ import json
 import logging
 from pathlib import Path
 
+import fsspec
 import pytest
 
 from cast.data import DataConfig, build_loader
@@ -122,3 +123,14 @@ def test_one_reader_of_all_ranks_checks_a_partition_shared_by_several(built, tmp
     over = _claiming(built, tmp_path / "over", [40, 40])
     with pytest.raises(RuntimeError, match="no usable sample.*verify_shards"):
         _keys(build_loader(_config(over, partitions=1), rank=1, world_size=2, epoch=0))
+
+
+def test_verified_counts_on_s3(built, tmp_path, s3_env):
+    dest = f"s3://{s3_env}/claimed-counts"
+    fs = fsspec.filesystem("s3")
+    fs.put(str(_claiming(built, tmp_path, [40, 40])), dest.removeprefix("s3://"), recursive=True)
+    assert read_manifest(dest).num_samples == 80
+    assert verify_main([dest, "--write-verified"]) == 1
+    manifest = read_manifest(dest)
+    assert manifest.num_samples == 8 and manifest.verified_from == f"{dest}/{VERIFIED_FILE}"
+    assert [shard.num_samples for shard in manifest.shards] == [4, 4]
