@@ -250,13 +250,13 @@ class ShardStream(IterableDataset):
             samples = self._raw_samples(self.readers[reader], rng, counters, check=True)
             yield from self._single_pass(samples, counters)
             return
-        stretch = self.stretches[self.rank * self.num_workers + (worker + self.rotation) % self.num_workers]
+        role = self.rank * self.num_workers + (worker + self.rotation) % self.num_workers
+        stretch = self.stretches[role]
         if not stretch:
             return
         # augmentations differ per reader and per resume point; the sample order does not depend on them
         _seed_augmentation(random.Random(f"augment|{self.cfg.seed}|{self.epoch}|{reader}|{stretch[0]}"))
-        samples = self._stretch_samples(stretch, counters, self.rank * self.num_workers
-                                        + (worker + self.rotation) % self.num_workers)
+        samples = self._stretch_samples(stretch, counters, role)
         last, read = None, None
         count = worker_batches(self.total, self.num_workers, worker)
         for number in range(count):

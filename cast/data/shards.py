@@ -474,7 +474,7 @@ def _count_rest(samples: Iterator[dict]) -> tuple[int, bool]:
     return rest, True
 
 
-def _count_mismatch(url: str, expected: int, found, counters: Counters, report: bool) -> None:
+def _count_mismatch(url: str, expected: int, found: int | str, counters: Counters, report: bool) -> None:
     counters.record(MISMATCH, f"{url}: {MISMATCH}: the shard holds {found} samples, its manifest says "
                     f"{expected} (check with `python -m data_tools.verify_shards`, then record the real "
                     "counts with --write-verified)" if report else None)
