@@ -1,6 +1,9 @@
 """Read every shard back and check it against ``_info.json``: counts per shard, undecodable samples.
 
-Usage: ``python -m data_tools.verify_shards DEST`` (exit 1 on any mismatch or damage).
+Usage: ``python -m data_tools.verify_shards DEST [--write-verified]`` (exit 1 on any mismatch or
+damage). ``--write-verified`` records the counts really read in ``_verified.json`` beside
+``_info.json``; readers use them instead of the claimed ones from then on (shards that could not be
+fetched keep their claim).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 from cast.data.samples import LABEL_KEY, MASK_KEY, decode_image, decode_label, decode_mask, image_key
-from cast.data.shards import Counters, iter_raw_samples, list_shards
+from cast.data.shards import Counters, iter_raw_samples, list_shards, write_verified
 
 
 @dataclass
@@ -19,6 +22,8 @@ class VerifyReport:
     expected: int = 0
     found: int = 0
     problems: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # shard URL -> samples read (fetched shards only)
+    manifest_url: str = ""
 
     @property
     def ok(self) -> bool:
@@ -47,7 +52,9 @@ def _check_sample(sample: dict, labelled: bool, num_classes: int = 0) -> str | N
 
 def verify(spec: str) -> VerifyReport:
     shard_set = list_shards(spec)
-    report = VerifyReport(num_shards=shard_set.num_shards, expected=shard_set.num_samples)
+    report = VerifyReport(num_shards=shard_set.num_shards, expected=shard_set.num_samples,
+                          manifest_url=shard_set.url)
+    source = shard_set.verified_from.rsplit("/", 1)[-1] or "_info.json"
     labelled = bool(shard_set.classes)
     for shard in shard_set.shards:
         counters = Counters()
@@ -60,7 +67,9 @@ def verify(spec: str) -> VerifyReport:
         for reason in sorted(counters):  # truncated_shard, missing_shard, unreachable_shard
             report.problems.append(f"{shard.url}: {reason} ({'; '.join(counters.messages) or 'no detail'})")
         if count != shard.num_samples:
-            report.problems.append(f"{shard.url}: {count} samples, _info.json says {shard.num_samples}")
+            report.problems.append(f"{shard.url}: {count} samples, {source} says {shard.num_samples}")
+        if not {"missing_shard", "unreachable_shard"} & set(counters):
+            report.counts[shard.url] = count
         report.found += count
     return report
 
@@ -70,13 +79,22 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m data_tools.verify_shards", description=__doc__.split("\n")[0]
     )
     parser.add_argument("dest", help="shard folder with _info.json (any fsspec URL) or a brace pattern")
-    report = verify(parser.parse_args(argv).dest)
+    parser.add_argument("--write-verified", action="store_true",
+                        help="record the counts read in _verified.json beside _info.json (readers use them)")
+    args = parser.parse_args(argv)
+    report = verify(args.dest)
     for problem in report.problems:
         print(problem, file=sys.stderr)
     print(
         f"{report.num_shards} shards, {report.found}/{report.expected} samples, "
         f"{len(report.problems)} problems"
     )
+    if args.write_verified:
+        if not report.manifest_url:
+            # a shard set without a manifest has its counts read from the tars already
+            parser.error(f"{args.dest}: no _info.json to record verified counts beside")
+        written = write_verified(report.manifest_url, report.counts)
+        print(f"verified counts of {len(report.counts)} shards written to {written}")
     return 0 if report.ok else 1
 
 

@@ -20,6 +20,9 @@ epoch on exactly the samples it has not consumed yet (the idea of MosaicML Strea
   decode).
 - A reader whose stretch yields fewer samples than its share (corrupt or incomplete samples skipped)
   repeats its own first good samples; only then is an epoch not exact.
+- Each partition's shards are checked against the manifest's counts by one reader (the one reading
+  furthest into it; every reader in evaluation): a shard read to its end, or past its claim, that holds
+  another count is logged (once per shard per process) and counted as ``manifest_count_mismatch``.
 - ``drop_remainder=False`` (evaluation) reads each reader's shards once instead (shards dealt to
   readers directly; fewer shards than readers is an error there): every sample exactly once, the last
   batch of a reader may be short, and batch counts may differ between ranks.
@@ -45,11 +48,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cast.data.config import DataConfig
 from cast.data.samples import LABEL_KEY, MASK_KEY, decode_image, decode_label, decode_mask, image_key
-from cast.data.shards import Counters, Manifest, Shard, iter_shards, list_shards
+from cast.data.shards import MISMATCH, Counters, Manifest, Shard, iter_shards, list_shards
 from cast.data.transforms import Recipe, build_recipe
 from cast.superpixels.base import merge_to_budget, relabel_contiguous
 
 log = logging.getLogger(__name__)
+_warned: set[str] = set()  # manifest mismatches already logged by this process (once per shard)
 
 
 Segment = tuple[int, int, int]  # (partition, start, end): samples [start, end) of a partition's order
@@ -221,6 +225,13 @@ class ShardStream(IterableDataset):
         self.rotation = rotation % self.num_workers
         shares = reader_shares(self.total, world_size, self.num_workers, cfg.batch_size, self.rotation)
         self.stretches = cut(self.segments, shares)
+        # the reader reading furthest into a partition checks its shards' counts (one reader in all ranks)
+        furthest: dict[int, tuple[int, int]] = {}
+        for index, stretch in enumerate(self.stretches):
+            for partition, _, end in stretch:
+                if end > furthest.get(partition, (-1, 0))[0]:
+                    furthest[partition] = (end, index)
+        self.checkers = {partition: index for partition, (_, index) in furthest.items()}
 
     def __len__(self) -> int:
         return self.total
@@ -236,16 +247,19 @@ class ShardStream(IterableDataset):
         if not self.cfg.drop_remainder:
             rng = random.Random(f"samples|{self.cfg.seed}|{self.epoch}|{reader}")
             _seed_augmentation(rng)
-            yield from self._single_pass(self._raw_samples(self.readers[reader], rng, counters), counters)
+            samples = self._raw_samples(self.readers[reader], rng, counters, check=True)
+            yield from self._single_pass(samples, counters)
             return
-        stretch = self.stretches[self.rank * self.num_workers + (worker + self.rotation) % self.num_workers]
+        role = self.rank * self.num_workers + (worker + self.rotation) % self.num_workers
+        stretch = self.stretches[role]
         if not stretch:
             return
         # augmentations differ per reader and per resume point; the sample order does not depend on them
         _seed_augmentation(random.Random(f"augment|{self.cfg.seed}|{self.epoch}|{reader}|{stretch[0]}"))
-        samples = self._stretch_samples(stretch, counters)
+        samples = self._stretch_samples(stretch, counters, role)
         last, read = None, None
-        for _ in range(worker_batches(self.total, self.num_workers, worker)):
+        count = worker_batches(self.total, self.num_workers, worker)
+        for number in range(count):
             batch = []
             while len(batch) < self.cfg.batch_size:
                 sample = next(samples)
@@ -254,30 +268,39 @@ class ShardStream(IterableDataset):
                 augmented = self._augment(sample, counters, *read) if read is not None else None
                 if augmented is not None:
                     batch.append(augmented)
+            if number == count - 1:
+                samples.close()  # a shard read past its claim is counted now, with the last batch
             yield self._finish_batch(batch, counters)
 
-    def _stretch_samples(self, stretch: list[Segment], counters: Counters) -> Iterator[dict]:
+    def _stretch_samples(self, stretch: list[Segment], counters: Counters, reader: int) -> Iterator[dict]:
         """The raw samples of this reader's segments, in partition order; endless (a reader left short by
-        skipped samples repeats its own)."""
+        skipped samples repeats its own); ``reader`` checks the shard counts of the partitions it owns."""
         passes = 0
         while True:
             produced = 0
             tally = counters if passes == 0 else Counters()  # damage is counted on the first pass only
             for partition, start, end in stretch:
                 rng = random.Random(f"samples|{self.cfg.seed}|{self.epoch}|partition{partition}")
-                stream = self._raw_samples(self.partitions[partition], rng, tally, report=passes == 0)
+                check = passes == 0 and self.checkers.get(partition) == reader
+                stream = self._raw_samples(self.partitions[partition], rng, tally, report=passes == 0,
+                                           check=check)
                 repeats = self.cfg.repeats
-                for distinct, sample in enumerate(stream):
-                    if distinct * repeats >= end:
-                        break
-                    for index in range(distinct * repeats, (distinct + 1) * repeats):
-                        if start <= index < end:  # before start: read and dropped raw, no decode
-                            produced += 1
-                            yield sample
+                try:
+                    for distinct, sample in enumerate(stream):
+                        if distinct * repeats >= end:
+                            break
+                        for index in range(distinct * repeats, (distinct + 1) * repeats):
+                            if start <= index < end:  # before start: read and dropped raw, no decode
+                                produced += 1
+                                yield sample
+                finally:
+                    stream.close()  # now, not when collected: a shard read past its claim is counted
             if produced == 0:
                 raise RuntimeError(
                     f"rank {self.rank}: no usable sample in partitions "
-                    f"{sorted({p for p, _, _ in stretch})} (skips so far: {dict(counters)})"
+                    f"{sorted({p for p, _, _ in stretch})} (skips so far: {dict(counters)}); shards "
+                    "holding fewer samples than their manifest claims do this: check them with "
+                    "`python -m data_tools.verify_shards`"
                 )
             passes += 1
             if passes == 1:
@@ -306,14 +329,17 @@ class ShardStream(IterableDataset):
             yield self._finish_batch(batch, counters)
 
     def _raw_samples(
-        self, shards: list[Shard], rng: random.Random, counters: Counters, report: bool = True
+        self, shards: list[Shard], rng: random.Random, counters: Counters, report: bool = True,
+        check: bool = False,
     ) -> Iterator[dict]:
-        """One pass over ``shards`` (remote ones fetched ahead) through a shuffle buffer (``rng``)."""
+        """One pass over ``shards`` (remote ones fetched ahead) through a shuffle buffer (``rng``);
+        ``check``: count each shard against the manifest."""
         buffer_size = self.cfg.shuffle_buffer if self.cfg.shuffle else 0
         buffer: list[dict] = []
         urls = [shard.url for shard in shards]
         for sample in iter_shards(
-            urls, counters, report=report, prefetch=self.cfg.prefetch_shards, policy=self.cfg.retry
+            urls, counters, report=report, prefetch=self.cfg.prefetch_shards, policy=self.cfg.retry,
+            expected=[shard.num_samples for shard in shards] if check else None,
         ):
             if not self._complete(sample, counters, report=report):
                 continue
@@ -450,6 +476,10 @@ class ShardLoader:
         for batch in self.loader:
             self.counters.update(batch["stats"])
             for message in batch["skipped"]:
+                if MISMATCH in message:
+                    if message in _warned:
+                        continue
+                    _warned.add(message)
                 log.warning(message)
             self.consumed += 1
             yield batch

@@ -31,8 +31,10 @@ from ``truncated_shard`` (the bytes came, the tar is damaged).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
+import logging
 import posixpath
 import tarfile
 import threading
@@ -53,9 +55,14 @@ from cast.storage import (
     classify,
     read_bytes,
     retry,
+    write_text,
 )
 
+log = logging.getLogger(__name__)
+
 INFO_FILE = "_info.json"
+VERIFIED_FILE = "_verified.json"  # real per-shard counts written by ``verify_shards --write-verified``
+MISMATCH = "manifest_count_mismatch"
 # streamed files are read 1 MiB at a time (per-call overhead of remote files dominates at 16 KiB) through
 # a BufferedReader: tarfile's own stream buffer must stay small, it re-slices itself on every read
 READ_BUFFER = 1 << 20
@@ -101,6 +108,7 @@ class Manifest:
     created: str = ""
     splits: dict[str, Split] = field(default_factory=dict)
     url: str = ""
+    verified_from: str = ""  # the _verified.json whose counts replaced the claimed ones (not serialised)
 
     @property
     def num_samples(self) -> int:
@@ -228,18 +236,71 @@ def manifest_url(spec: str) -> str:
 
 def _load_manifest(info_url: str, policy: RetryPolicy | None = None) -> Manifest | None:
     """The manifest at ``info_url``, ``None`` when there is no such file (or bucket): the only
-    ``_info.json`` parser. Other storage failures raise ``StorageError``."""
+    ``_info.json`` parser. Shard counts come from a ``_verified.json`` beside it when that one was
+    written for these very bytes. Other storage failures raise ``StorageError``."""
+    raw = _read_optional(info_url, policy)
+    if raw is None:
+        return None
+    manifest = Manifest.from_json(_parse_json(raw, info_url), info_url)
+    folder = info_url.rsplit("/", 1)[0] if "/" in info_url else "."
+    verified_url = f"{folder}/{VERIFIED_FILE}"
+    verified = _read_optional(verified_url, policy)
+    if verified is None:
+        return manifest
+    record = _parse_json(verified, verified_url)
+    if not isinstance(record, dict) or not isinstance(record.get("shards"), list):
+        raise ShardSetError(f"{verified_url}: expected {{info_sha256, shards: [{{url, num_samples}}]}}")
+    if record.get("info_sha256") != hashlib.sha256(raw).hexdigest():
+        log.warning("%s: ignored, written for another %s (re-run `python -m data_tools.verify_shards "
+                    "--write-verified`)", verified_url, INFO_FILE)
+        return manifest
+    counts = {_resolve(shard.url, folder): shard.num_samples
+              for shard in (_parse_shard(entry, verified_url) for entry in record["shards"])}
+    shards = [Shard(shard.url, counts.get(shard.url, shard.num_samples)) for shard in manifest.shards]
+    differ = sum(new.num_samples != old.num_samples for new, old in zip(shards, manifest.shards))
+    log.info("using verified counts from %s (%d of %d shards differ from %s: %d samples, it claims %d)",
+             verified_url, differ, len(shards), INFO_FILE, sum(s.num_samples for s in shards),
+             manifest.num_samples)
+    splits = {key: _verified_split(split, counts, folder) for key, split in manifest.splits.items()}
+    return dataclasses.replace(manifest, shards=shards, splits=splits, verified_from=verified_url)
+
+
+def _verified_split(split: Split, counts: dict[str, int], folder: str) -> Split:
+    lengths = tuple(counts.get(_resolve(name, folder), length)
+                    for name, length in zip(split.filenames, split.shard_lengths))
+    return dataclasses.replace(split, shard_lengths=lengths, num_samples=sum(lengths))
+
+
+def _read_optional(url: str, policy: RetryPolicy | None) -> bytes | None:
+    """The bytes at ``url``, ``None`` when there is no such file (or bucket)."""
     try:
-        raw = read_bytes(info_url, policy)
+        return read_bytes(url, policy)
     except PermanentStorageError as error:
         if isinstance(error.__cause__, FileNotFoundError):
             return None
         raise
+
+
+def _parse_json(raw: bytes, url: str) -> object:
     try:
-        record = json.loads(raw)
+        return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ShardSetError(f"{info_url}: not valid JSON ({error})") from error
-    return Manifest.from_json(record, info_url)
+        raise ShardSetError(f"{url}: not valid JSON ({error})") from error
+
+
+def write_verified(info_url: str, counts: dict[str, int], policy: RetryPolicy | None = None) -> str:
+    """Record ``counts`` (absolute shard URL -> samples really read) in ``_verified.json`` beside
+    ``info_url``, tied to that ``_info.json``'s bytes; returns its URL."""
+    raw = read_bytes(info_url, policy)
+    folder = info_url.rsplit("/", 1)[0] if "/" in info_url else "."
+    prefix = folder + "/"
+    record = {
+        "info_sha256": hashlib.sha256(raw).hexdigest(),
+        "num_samples": sum(counts.values()),
+        "shards": [{"url": url[len(prefix):] if url.startswith(prefix) else url, "num_samples": count}
+                   for url, count in counts.items()],
+    }
+    return write_text(prefix + VERIFIED_FILE, json.dumps(record, indent=1) + "\n", policy)
 
 
 def read_manifest(spec: str, policy: RetryPolicy | None = None) -> Manifest:
@@ -297,7 +358,7 @@ def list_shards(spec: str, policy: RetryPolicy | None = None) -> Manifest:
 
 class Counters(Counter):
     """Skip/corruption counts by reason (``corrupt_image``, ``missing_key``, ``truncated_shard``,
-    ``missing_shard``, ``unreachable_shard``, ...) plus
+    ``missing_shard``, ``unreachable_shard``, ``manifest_count_mismatch``, ...) plus
     the messages naming the shard and sample, kept so DataLoader workers can hand them to the main
     process, which logs them (a worker's own log records never reach the training loop's handlers)."""
 
@@ -365,20 +426,58 @@ def iter_raw_samples(
     report: bool = True,
     fetched: Future | None = None,
     policy: RetryPolicy | None = None,
+    expected: int | None = None,
 ) -> Iterator[dict]:
     """``iter_tar_samples`` that never raises on damage or storage failure: the shard ends early and
     the reason is counted. ``truncated_shard``: a truncated or unreadable tar, or one without its
     end-of-archive block (samples read before the damage are kept, the one in progress dropped);
     ``missing_shard``: not found or forbidden; ``unreachable_shard``: transient errors past the
-    deadline (fetching, or a streamed read cut off mid-shard)."""
+    deadline (fetching, or a streamed read cut off mid-shard).
+
+    With ``expected`` (the manifest's count) the samples are counted: a shard that ends cleanly with
+    another count, or that has more than ``expected`` (seen when the consumer stops at or past the
+    claim: the rest is then counted, raw), records ``manifest_count_mismatch`` with both counts."""
+    count = 0
+    samples = iter_tar_samples(url, fetched, policy)
     try:
-        yield from iter_tar_samples(url, fetched, policy)
+        for sample in samples:
+            count += 1
+            yield sample
+    except GeneratorExit:  # the consumer stopped: a shard read to its claim is checked for more
+        if expected is not None and count >= expected:
+            rest, whole = _count_rest(samples)
+            if rest:
+                _count_mismatch(url, expected, f"{count + rest}{'' if whole else '+'}", counters, report)
+        raise
     except Exception as error:  # noqa: BLE001 - sorted by _shard_failure, anything else re-raised
         reason = _shard_failure(error)
         if reason is None:
             raise
         counters.record(reason, f"{url}: {reason} ({type(error).__name__}: {error}); shard skipped from here"
                         if report else None)
+        return
+    finally:
+        samples.close()
+    if expected is not None and count != expected:
+        _count_mismatch(url, expected, count, counters, report)
+
+
+def _count_rest(samples: Iterator[dict]) -> tuple[int, bool]:
+    """How many samples are left in ``samples``, and whether they ended cleanly (a damaged rest is
+    counted by the reader that reads it, not here)."""
+    rest = 0
+    try:
+        for _ in samples:
+            rest += 1
+    except Exception:  # noqa: BLE001 - see above
+        return rest, False
+    return rest, True
+
+
+def _count_mismatch(url: str, expected: int, found: int | str, counters: Counters, report: bool) -> None:
+    counters.record(MISMATCH, f"{url}: {MISMATCH}: the shard holds {found} samples, its manifest says "
+                    f"{expected} (check with `python -m data_tools.verify_shards`, then record the real "
+                    "counts with --write-verified)" if report else None)
 
 
 def _shard_failure(error: Exception) -> str | None:
@@ -413,8 +512,11 @@ def iter_shards(
     *,
     prefetch: int,
     policy: RetryPolicy | None = None,
+    expected: Sequence[int] | None = None,
 ) -> Iterator[dict]:
-    """Raw samples of ``urls`` in order; remote shards are fetched ``prefetch`` ahead (0 = streamed)."""
+    """Raw samples of ``urls`` in order; remote shards are fetched ``prefetch`` ahead (0 = streamed).
+    ``expected``: the manifest's count of each shard, checked as it is read (``iter_raw_samples``)."""
+    claims = dict(zip(urls, expected, strict=True)) if expected is not None else {}
     remote = prefetch > 0 and not all(is_local(url) for url in urls)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cast-shard-prefetch") if remote else None
     stop = threading.Event()
@@ -434,7 +536,7 @@ def iter_shards(
         while pending:
             url, fetched = pending.popleft()
             refill()  # the next download starts before this shard is parsed
-            yield from iter_raw_samples(url, counters, report, fetched, policy)
+            yield from iter_raw_samples(url, counters, report, fetched, policy, claims.get(url))
     finally:  # consumer stopped early: drop queued downloads, end a retrying one, do not wait for it
         stop.set()
         if pool is not None:
