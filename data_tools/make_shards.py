@@ -24,6 +24,7 @@ import json
 import os
 import posixpath
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -111,9 +112,9 @@ def _commit(local_path: str, dest: str, final_name: str) -> None:
         fs.put_file(local_path, final)
 
 
-def write_shard(samples: list[SourceSample], dest: str, final_name: str) -> str:
-    """Write one shard (runs in a worker process); returns its name."""
-    with tempfile.TemporaryDirectory(prefix="shard-") as tmp:
+def write_shard(samples: list[SourceSample], dest: str, final_name: str, scratch: str | None = None) -> str:
+    """Write one shard (runs in a worker process) via a local file under ``scratch``; returns its name."""
+    with tempfile.TemporaryDirectory(prefix="shard-", dir=scratch) as tmp:
         local = os.path.join(tmp, final_name)
         _write_tar(samples, local)
         _commit(local, dest, final_name)
@@ -160,13 +161,14 @@ def _worker_init(parent: int) -> None:
 def _stop_pool(pool: ProcessPoolExecutor) -> None:
     """Interrupted (Ctrl-C, SIGTERM, an error): drop queued shards and end the workers now, not after
     the shards in flight (their partial files never get a final name)."""
-    processes = list(getattr(pool, "_processes", None) or {})  # pids; Python 3.11 has no public API
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # Python 3.11: no public API
     pool.shutdown(wait=False, cancel_futures=True)
-    for pid in processes:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
 
 
 def build_shards(
@@ -240,21 +242,27 @@ def write_shards(
         disable=not progress,
         file=sys.stderr,
     )
-    if workers > 1 and len(todo) > 1:
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
-        try:
-            futures = [pool.submit(write_shard, plan[i], dest, names[i]) for i in todo]
-            for future in as_completed(futures):
-                future.result()
+    # one scratch folder per run, removed however the run ends short of a SIGKILL: a worker stopped
+    # mid-shard cannot clean up its own temporary tar
+    scratch = tempfile.mkdtemp(prefix="cast-shards-")
+    try:
+        if workers > 1 and len(todo) > 1:
+            pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
+            try:
+                futures = [pool.submit(write_shard, plan[i], dest, names[i], scratch) for i in todo]
+                for future in as_completed(futures):
+                    future.result()
+                    bar.update()
+            except BaseException:
+                _stop_pool(pool)
+                raise
+            pool.shutdown()
+        else:
+            for i in todo:
+                write_shard(plan[i], dest, names[i], scratch)
                 bar.update()
-        except BaseException:
-            _stop_pool(pool)
-            raise
-        pool.shutdown()
-    else:
-        for i in todo:
-            write_shard(plan[i], dest, names[i])
-            bar.update()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     bar.close()
     manifest = Manifest(
         name=name,

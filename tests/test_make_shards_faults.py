@@ -47,42 +47,64 @@ def many(tmp_path_factory) -> Path:
     return make_imagefolder(tmp_path_factory.mktemp("many"), num_classes=2, per_class=200, size=8)
 
 
+HOW = ("SIGKILL", "SIGTERM", "ctrl-c")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_killed_make_shards_leaves_no_worker(many, tmp_path, how):
-    dest = tmp_path / "out"
+def test_killed_make_shards_leaves_no_worker(many, tmp_path):
+    """Three real runs side by side (start-up, mostly imports, dominates): SIGKILL of the parent,
+    SIGTERM to it, Ctrl-C (SIGINT to the whole process group, as a terminal sends it)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    log = tmp_path / "stderr.txt"  # a file, not a pipe: an orphan holding a pipe would hang the test
-    with open(log, "wb") as stderr:
-        parent = subprocess.Popen(
-            [sys.executable, "-m", "data_tools.make_shards", "--src", str(many), "--dest", str(dest),
-             "--layout", "imagefolder", "--max-count", "1", "--workers", "2"],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
-        )
+    runs = {}
+    for how in HOW:
+        folder = tmp_path / how
+        (folder / "tmp").mkdir(parents=True)
+        with open(folder / "stderr.txt", "wb") as stderr:  # a file: an orphan holding a pipe would hang us
+            runs[how] = subprocess.Popen(
+                [sys.executable, "-m", "data_tools.make_shards", "--src", str(many), "--dest",
+                 str(folder / "out"), "--layout", "imagefolder", "--max-count", "1", "--workers", "2"],
+                cwd=REPO, env={**env, "TMPDIR": str(folder / "tmp")}, stdout=subprocess.DEVNULL,
+                stderr=stderr, start_new_session=True,
+            )
+    workers: dict[str, set[int]] = {}
     try:
-        deadline = time.monotonic() + 60
-        workers: set[int] = set()
-        while len(workers) < 2 and parent.poll() is None and time.monotonic() < deadline:
-            workers = _children(parent.pid)
+        deadline = time.monotonic() + 90
+        while len(workers) < len(HOW) and time.monotonic() < deadline:
+            for how, parent in runs.items():
+                if how not in workers and parent.poll() is None and len(_children(parent.pid)) >= 2:
+                    workers[how] = _children(parent.pid)
+                    if how == "ctrl-c":
+                        os.killpg(parent.pid, signal.SIGINT)  # parent and workers alike
+                    else:
+                        parent.send_signal(getattr(signal, how))
             time.sleep(0.01)
-        assert len(workers) >= 2, f"no pool workers seen: {log.read_text()[-2000:]}"
-        parent.send_signal(how)
-        parent.wait(timeout=20)
+        for how, parent in runs.items():
+            try:
+                parent.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{how}: make_shards still running 60 s after the signal: "
+                            f"{(tmp_path / how / 'stderr.txt').read_text()[-2000:]}")
     finally:
-        if parent.poll() is None:
-            parent.kill()
-    err = log.read_bytes()
-    assert not (dest / "_info.json").exists(), "the run finished before the kill: the test proves nothing"
-    assert len(list(dest.glob("*.tar"))) < 400
+        for parent in runs.values():
+            if parent.poll() is None:
+                parent.kill()
     deadline = time.monotonic() + 5
-    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+    pids = set().union(*workers.values())
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    survivors = [pid for pid in workers if _alive(pid)]
-    for pid in survivors:
+    survivors = {how: [pid for pid in found if _alive(pid)] for how, found in workers.items()}
+    for pid in sum(survivors.values(), []):
         os.kill(pid, signal.SIGKILL)
-    assert not survivors, f"workers {survivors} outlived their parent ({how.name})"
-    if how == signal.SIGTERM:  # handled: the pool is stopped and the user told how to go on
-        assert parent.returncode == 130 and b"rerun the same command" in err
+    for how in HOW:
+        folder, err = tmp_path / how, (tmp_path / how / "stderr.txt").read_text()
+        assert how in workers, f"{how}: no pool workers seen: {err[-2000:]}"
+        assert not survivors[how], f"workers {survivors[how]} outlived their parent ({how}): {err[-2000:]}"
+        assert not (folder / "out/_info.json").exists(), f"{how}: the run finished before the kill"
+        if how != "SIGKILL":  # handled: pool stopped, scratch files removed, the user told how to go on
+            assert runs[how].returncode == 130, f"{how}: exit {runs[how].returncode}: {err[-2000:]}"
+            assert "rerun the same command" in err, err[-2000:]
+            left = list((folder / "tmp").rglob("*"))
+            assert not left, f"{how}: scratch files left: {left[:5]}"
 
 
 def test_empty_class_folder_keeps_its_index(tmp_path):
