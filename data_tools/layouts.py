@@ -6,6 +6,7 @@ the original image bytes are copied into the shards untouched.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from dataclasses import dataclass, field
 
@@ -85,7 +86,12 @@ def scan(src: str, layout: str, split_list: str | None = None) -> tuple[list[Sou
     files = _listing(fs, root)
     rel = {posixpath.relpath(path, root): (path, size) for path, size in files.items()}
     if layout == "imagefolder":
-        samples, classes = _imagefolder(rel)
+        folders = [
+            posixpath.basename(info["name"].rstrip("/"))
+            for info in fs.ls(root, detail=True)
+            if info.get("type") == "directory"
+        ]
+        samples, classes = _imagefolder(rel, folders)
     elif layout == "flat":
         samples, classes = [SourceSample(_key(r), p, s) for r, (p, s) in rel.items() if is_image_file(r)], []
     elif layout in ("voc", "pcontext"):
@@ -105,15 +111,38 @@ def scan(src: str, layout: str, split_list: str | None = None) -> tuple[list[Sou
     return samples, classes
 
 
-def _imagefolder(rel: dict[str, tuple[str, int]]) -> tuple[list[SourceSample], list[str]]:
+def _imagefolder(
+    rel: dict[str, tuple[str, int]], folders: list[str]
+) -> tuple[list[SourceSample], list[str]]:
+    """Classes are the top-level folders, sorted, as torchvision's ``ImageFolder`` numbers them, empty
+    ones included: a class with no images in one split keeps the index it has in every other split.
+    (Object stores have no empty folders; there a class needs at least one object under its prefix.)"""
     images = {r: v for r, v in rel.items() if is_image_file(r) and "/" in r}
-    classes = sorted({r.split("/", 1)[0] for r in images})
+    classes = sorted(set(folders) | {r.split("/", 1)[0] for r in rel if "/" in r})
+    empty = sorted(set(classes) - {r.split("/", 1)[0] for r in images})
+    if empty:
+        logging.getLogger(__name__).warning(
+            "imagefolder: %d class folder(s) without images keep their index: %s",
+            len(empty),
+            ", ".join(empty[:8]),
+        )
     index = {name: i for i, name in enumerate(classes)}
     samples = [
         SourceSample(_key(r), p, s, label=index[r.split("/", 1)[0]], meta={"class": r.split("/", 1)[0]})
         for r, (p, s) in images.items()
     ]
     return samples, classes
+
+
+def check_labels(samples: list[SourceSample], classes: list[str]) -> None:
+    """Every ``cls`` to be written must index ``classes`` (-1 = unlabelled, no ``cls``): a ValueError names
+    the first bad sample and its file, before any shard is written."""
+    for sample in samples:
+        if sample.label != -1 and not 0 <= sample.label < len(classes):
+            raise ValueError(
+                f"sample {sample.key} ({sample.image}): label {sample.label} outside the "
+                f"{len(classes)} classes (0..{len(classes) - 1})"
+            )
 
 
 def _images_and_masks(
@@ -233,7 +262,6 @@ def _partimagenet(fs, root: str, rel: dict[str, tuple[str, int]], split: str | N
     """
     import atexit
     import json
-    import logging
     import shutil
     import tempfile
 

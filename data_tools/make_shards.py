@@ -18,13 +18,17 @@ Usage: ``python -m data_tools.make_shards --src SRC --dest DEST --layout imagefo
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
 import posixpath
 import random
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -35,7 +39,7 @@ from webdataset import TarWriter
 
 from cast.data.samples import LABEL_KEY, MASK_KEY
 from cast.data.shards import INFO_FILE, Manifest, Shard, read_manifest
-from data_tools.layouts import LAYOUTS, SourceSample, mask_bytes, scan
+from data_tools.layouts import LAYOUTS, SourceSample, check_labels, mask_bytes, scan
 
 TOOL_VERSION = "cast-train-shards/1"
 
@@ -108,13 +112,63 @@ def _commit(local_path: str, dest: str, final_name: str) -> None:
         fs.put_file(local_path, final)
 
 
-def write_shard(samples: list[SourceSample], dest: str, final_name: str) -> str:
-    """Write one shard (runs in a worker process); returns its name."""
-    with tempfile.TemporaryDirectory(prefix="shard-") as tmp:
+def write_shard(samples: list[SourceSample], dest: str, final_name: str, scratch: str | None = None) -> str:
+    """Write one shard (runs in a worker process) via a local file under ``scratch``; returns its name."""
+    with tempfile.TemporaryDirectory(prefix="shard-", dir=scratch) as tmp:
         local = os.path.join(tmp, final_name)
         _write_tar(samples, local)
         _commit(local, dest, final_name)
     return final_name
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _worker_init(parent: int) -> None:
+    """Pool workers die with the parent however it ends: Ctrl-C is left to the parent (which stops the
+    pool), the kernel SIGKILLs the worker when the parent dies (Linux), and a watchdog thread covers
+    other systems and a parent that died before this ran. Without this an orphan blocks on the task
+    pipe for ever."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited by fork
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    forked_from = os.getppid()  # the parent itself, or a fork server that exits with it
+
+    def gone() -> bool:  # reparented, or (when forked by a server) the parent pid no longer exists
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return os.getppid() != forked_from
+
+    if forked_from != parent and gone():
+        os._exit(1)
+
+    def watch() -> None:
+        while not gone():
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Interrupted (Ctrl-C, SIGTERM, an error): drop queued shards and end the workers now, not after
+    the shards in flight (their partial files never get a final name)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # Python 3.11: no public API
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
 
 
 def build_shards(
@@ -133,9 +187,32 @@ def build_shards(
     """Build (or finish building) the shards of ``src`` under ``dest``; returns the manifest as read back."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    samples, classes = scan(src, layout, split_list)
+    return write_shards(
+        samples, classes, dest, layout, source=src, name=name, max_count=max_count, max_bytes=max_bytes,
+        workers=workers, seed=seed, progress=progress,
+    )
+
+
+def write_shards(
+    samples: list[SourceSample],
+    classes: list[str],
+    dest: str,
+    layout: str,
+    *,
+    source: str,
+    name: str = "train",
+    max_count: int | None = None,
+    max_bytes: int | None = None,
+    workers: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> Manifest:
+    """Shard a sample listing (from ``scan`` or a caller's own) under ``dest``; labels are checked
+    against ``classes`` before anything is written."""
+    check_labels(samples, classes)
     if max_count is None and max_bytes is None:
         max_count = 1000
-    samples, classes = scan(src, layout, split_list)
     plan = plan_shards(samples, seed, max_count, max_bytes)
     digest = _plan_digest(plan, layout, name)
     fs, root = fsspec.core.url_to_fs(dest)
@@ -165,28 +242,43 @@ def build_shards(
         disable=not progress,
         file=sys.stderr,
     )
-    if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(write_shard, plan[i], dest, names[i]) for i in todo]
-            for future in as_completed(futures):
-                future.result()
+    # one scratch folder per run, removed however the run ends short of a SIGKILL: a worker stopped
+    # mid-shard cannot clean up its own temporary tar
+    scratch = tempfile.mkdtemp(prefix="cast-shards-")
+    try:
+        if workers > 1 and len(todo) > 1:
+            pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
+            try:
+                futures = [pool.submit(write_shard, plan[i], dest, names[i], scratch) for i in todo]
+                for future in as_completed(futures):
+                    future.result()
+                    bar.update()
+            except BaseException:
+                _stop_pool(pool)
+                raise
+            pool.shutdown()
+        else:
+            for i in todo:
+                write_shard(plan[i], dest, names[i], scratch)
                 bar.update()
-    else:
-        for i in todo:
-            write_shard(plan[i], dest, names[i])
-            bar.update()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     bar.close()
     manifest = Manifest(
         name=name,
         shards=[Shard(shard, len(shard_samples)) for shard, shard_samples in zip(names, plan)],
         classes=classes,
         layout=layout,
-        source=src,
+        source=source,
         tool_version=TOOL_VERSION,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     fs.pipe_file(posixpath.join(root, INFO_FILE), json.dumps(manifest.to_json(), indent=1).encode())
     return read_manifest(dest)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,17 +299,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-list", help="voc/pcontext: id list (path relative to --src or a URL); "
                         "ade20k: the split folder (training, validation); partimagenet: the split")
     args = parser.parse_args(argv)
-    manifest = build_shards(
-        args.src,
-        args.dest,
-        args.layout,
-        name=args.name,
-        max_count=args.max_count,
-        max_bytes=args.max_bytes,
-        workers=args.workers,
-        seed=args.seed,
-        split_list=args.split_list,
-    )
+    signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM stops the pool as Ctrl-C does
+    try:
+        manifest = build_shards(
+            args.src,
+            args.dest,
+            args.layout,
+            name=args.name,
+            max_count=args.max_count,
+            max_bytes=args.max_bytes,
+            workers=args.workers,
+            seed=args.seed,
+            split_list=args.split_list,
+        )
+    except KeyboardInterrupt:
+        print("make_shards: interrupted; finished shards are kept, rerun the same command to go on",
+              file=sys.stderr)
+        return 130
     print(
         f"{manifest.num_samples} samples in {manifest.num_shards} shards, {len(manifest.classes)} classes "
         f"-> {manifest.url}"
