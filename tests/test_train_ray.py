@@ -187,17 +187,24 @@ def test_asha_sweep_ranks_by_knn_and_writes_the_base_recipe_plus_the_swept_value
         (r.path, r.metrics["knn_top1"]) for r in results)
 
 
-def test_supervised_validation_reports_raw_and_ema_top1_and_keeps_the_best_epoch(ray_local, shards, tmp_path):
+def test_supervised_validation_reports_raw_and_ema_top1_and_keeps_the_best_epoch(shards, tmp_path):
     """val top-1 of the trained weights and of their EMA every 2nd epoch and after the last; <run>/best
-    holds the best validated epoch, and its figures are what its saved weights give on the same shards."""
+    holds the best validated epoch, and its figures are what its saved weights give on the same shards.
+    Ray Train's local mode runs the real per-worker loop in this process (as the linear probe's test)."""
     import json
 
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cast.train.loop import train_loop_per_worker
     from cast.train.validation import classifier_top1
 
     cfg = _supervised(shards, str(tmp_path), "val", 1, 8)
     cfg.schedule.epochs, cfg.supervised.ema_decay, cfg.supervised.val_shards = 3, 0.5, shards
     cfg.supervised.val_every_epochs, cfg.checkpoint.best_metric = 2, "val_top1"
-    metrics = fit(cfg).metrics
+    metrics = TorchTrainer(train_loop_per_worker, train_loop_config={"config": cfg},
+                           scaling_config=ScalingConfig(num_workers=0),
+                           run_config=RunConfig(name="val", storage_path=str(tmp_path))).fit().metrics
     assert metrics["epoch"] == 3 and {"val_top1", "val_top1_ema"} <= set(metrics)
     best = json.loads((tmp_path / "val" / "best" / "best.json").read_text())
     assert best["epoch"] in (2, 3) and best["value"] == max(best["value"], metrics["val_top1"])
