@@ -58,16 +58,18 @@ class RayHead:
 
 @contextmanager
 def local_ray_head(
-    num_cpus: int = 2, object_store_memory: int = 512 * 1024**2, ready_timeout: float = 90.0
+    num_cpus: int = 2, object_store_memory: int = 512 * 1024**2, ready_timeout: float = 90.0,
+    token: str | None = None,
 ) -> Iterator[RayHead]:
     """Start a head on 127.0.0.1, yield it once its dashboard and job agent answer, stop it on exit
-    (also after an exception or Ctrl-C)."""
+    (also after an exception or Ctrl-C). ``token``: the cluster's auth token (default: a fresh one); a
+    process that joins it as a driver must have had that token in its environment when it imported Ray."""
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths have a length limit
     port, dash_port, agent_port = free_port(), free_port(), free_port()
     # Token auth with this cluster's own token: `ray start` refuses token mode without one, and
     # ~/.ray/auth_token (Ray's default) is absent on a fresh machine and shared with other clusters.
     token_path = Path(temp_dir) / "auth_token"
-    token_path.write_text(secrets.token_hex(32))
+    token_path.write_text(token or secrets.token_hex(32))
     token_path.chmod(0o600)
     env = {
         **os.environ,

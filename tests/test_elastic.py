@@ -7,8 +7,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -21,6 +19,7 @@ from cast.train.config import TrainConfig
 from cast.train.optim import lr_at, scaled_lr
 from data_tools.make_shards import build_shards
 from tests.fixtures.datasets import make_imagefolder
+from tests.fixtures.ray import finished_job_logs, submit_job
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "jobs/configs/moco_cast_tiny.yaml"
@@ -82,13 +81,7 @@ def test_preempted_node_shrinks_the_group_and_its_return_grows_it_back(two_nodes
         "logging.tensorboard=false",
         f"logging.sample_log={samples}",
     ]
-    runtime_env = {"env_vars": {"PYTHONPATH": str(REPO)}}
-    command = [f"{Path(sys.executable).parent}/ray", "job", "submit", "--address", head.address, "--no-wait",
-               "--runtime-env-json", json.dumps(runtime_env), "--",
-               "python", "-m", "jobs.pretrain", "--config", str(REPO / TINY), *overrides]
-    submit = subprocess.run(command, env=head.env, capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert submit.returncode == 0, submit.stdout + submit.stderr
-    job_id = re.search(r"Job '([^']+)' submitted successfully", submit.stdout + submit.stderr).group(1)
+    job_id = submit_job(head, ["python", "-m", "jobs.pretrain", "--config", TINY, *overrides], {})
     client = head.client()
 
     def wait_for(pattern: str, timeout: float) -> str:
@@ -109,12 +102,7 @@ def test_preempted_node_shrinks_the_group_and_its_return_grows_it_back(two_nodes
     wait_for(r"resumed at step \d+ .* on 1 workers: 4 x 2 per step", 90)
     nodes.append(start_ray_node(head))  # the node comes back: the group grows to two again
     wait_for(r"resumed at step \d+ .* on 2 workers: 4 x 1 per step", 90)
-    deadline = time.monotonic() + 120
-    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.monotonic() < deadline, "job did not finish"
-        time.sleep(1)
-    logs = _logs(client, job_id)
-    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
+    logs = finished_job_logs(head, job_id, timeout=120)
     sizes = [int(w) for w in re.findall(r"resumed at step \d+ .* on (\d) workers", logs)]
     assert sizes[:1] == [1] and 2 in sizes, sizes
 

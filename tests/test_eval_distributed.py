@@ -1,4 +1,4 @@
-"""Distributed evaluation: kNN over 2 Ray workers (real shards, ``ray_local``) equals the same task run in
+"""Distributed evaluation: kNN over 2 Ray workers (real shards, ``ray_driver``) equals the same task run in
 one process; every sample is extracted exactly once; the blocked top-k equals a brute-force one."""
 
 import pytest
@@ -41,7 +41,7 @@ def _scores_by_key(folder) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.ray
-def test_knn_over_two_ray_workers_equals_one_process(ray_local, shards):
+def test_knn_over_two_ray_workers_equals_one_process(ray_driver, shards):
     root, splits = shards
     (single,) = run_tasks([_task(root, splits, "single")], RunSettings(num_workers=0, device="cpu"))
     (spread,) = run_tasks([_task(root, splits, "spread")],
@@ -104,45 +104,38 @@ def _train_workers() -> list[int]:
 
 
 @pytest.mark.ray
-def test_killed_worker_is_restarted_and_reuses_finished_parts(ray_local, shards, capfd):
-    """A preempted evaluation worker (SIGKILL by pid once the bank parts are in storage): the worker group
-    restarts, reads the bank parts it already wrote instead of extracting them again, and the result is
-    the uninterrupted one."""
+def test_killed_worker_is_restarted_and_reuses_finished_parts(ray_head, shards):
+    """A preempted evaluation worker of a submitted ``jobs.evaluate`` (SIGKILL by pid once the bank parts
+    are in storage): the worker group restarts, reads the bank parts it already wrote instead of
+    extracting them again, and the result is the uninterrupted one."""
+    import json
     import os
     import signal
-    import threading
     import time
+
+    from tests.fixtures.ray import finished_job_logs, submit_job
 
     root, splits = shards
     (single,) = run_tasks([_task(root, splits, "single-ref")], RunSettings(num_workers=0, device="cpu"))
-    folder = root / "preempted"
-    parts = [folder / "train" / f"part-0000{rank}-of-00002.pt" for rank in (0, 1)]
-    killed: list[int] = []
-
-    def preempt():
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not all(part.exists() for part in parts):
-            time.sleep(0.05)
-        pids = _train_workers()
-        if pids and all(part.exists() for part in parts):
-            killed.append(pids[-1])
-            killed.append(max(part.stat().st_mtime_ns for part in parts))
-            os.kill(pids[-1], signal.SIGKILL)
-
-    watcher = threading.Thread(target=preempt, daemon=True)
-    watcher.start()
-    (result,) = run_tasks([_task(root, splits, "preempted")],
-                          RunSettings(num_workers=2, storage_path=str(root / "ray"), name="knn-preempt",
-                                      max_failures=1))
-    watcher.join(timeout=5)
-    assert killed, "no worker was killed: the bank parts never appeared"
-    assert max(part.stat().st_mtime_ns for part in parts) == killed[1]  # reused, not written again
-    logs = ""
-    for _ in range(20):  # worker output reaches the driver asynchronously
-        logs += "".join(capfd.readouterr())
-        if f"knn: reusing {folder / 'train'}" in logs:
-            break
-        time.sleep(0.5)
-    assert f"knn: reusing {folder / 'train'}" in logs, logs[-3000:]  # said by the restarted group
+    out = root / "preempted"
+    parts = [root / "preempted.knn-features" / "train" / f"part-0000{rank}-of-00002.pt" for rank in (0, 1)]
+    # the same evaluation as _task, as a user submits it
+    entrypoint = ["python", "-m", "jobs.evaluate", "--random-init", "--seed", "3", "--out", str(out),
+                  "--model", "cast_tiny", "--size", "64", "--batch-size", "4", "--loader-workers", "0",
+                  "--superpixels", "seeds_fast", "--superpixel-param", "num_superpixels=36", "--knn-k", "5",
+                  "--train-shards", splits["train"][0], "--val-shards", splits["val"][0], "--workers", "2",
+                  "--max-failures", "1", "--storage-path", str(root / "ray"), "--no-progress"]
+    job_id = submit_job(ray_head, entrypoint, {})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not all(part.exists() for part in parts):
+        time.sleep(0.05)
+    pids = _train_workers()
+    assert pids and all(part.exists() for part in parts), "the bank parts never appeared"
+    written = max(part.stat().st_mtime_ns for part in parts)
+    os.kill(pids[-1], signal.SIGKILL)
+    logs = finished_job_logs(ray_head, job_id, timeout=240)
+    assert max(part.stat().st_mtime_ns for part in parts) == written  # reused, not written again
+    assert f"knn: reusing {parts[0].parent}" in logs, logs[-3000:]  # said by the restarted group
+    result = json.loads((root / "preempted.knn.json").read_text())
     for key in ("top1", "top5", "train_samples", "test_samples", "duplicate_samples"):
         assert result[key] == single[key], key

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,7 @@ from PIL import Image
 from cast.artifacts import COMPLETE_MARKER, latest_checkpoint, read_state
 from data_tools.make_shards import build_shards
 from data_tools.sample_data import pasted_segmentation
+from tests.fixtures.ray import finished_job_logs, submit_job
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "jobs/configs/seg_cast_tiny.yaml"
@@ -38,30 +36,9 @@ def pasted(tmp_path_factory):
 
 
 def _submit(ray_head, tmp_path, name: str, overrides: list[str]) -> str:
-    from ray.job_submission import JobStatus
-
-    runtime_env = {"working_dir": str(REPO),
-                   "excludes": [".git", ".venv", "/outputs/", "__pycache__", ".pytest_cache", ".ruff_cache"]}
-    command = [f"{Path(sys.executable).parent}/ray", "job", "submit", "--address", ray_head.address,
-               "--no-wait", "--runtime-env-json", json.dumps(runtime_env), "--",
-               "python", "-m", "jobs.finetune_seg", "--config", CONFIG, *overrides,
-               f"ray.storage_path={tmp_path}", f"ray.name={name}"]
-    for _ in range(30):  # a fresh head answers HTTP before its job agent is up
-        submit = subprocess.run(command, env=ray_head.env, capture_output=True, text=True, timeout=120,
-                                cwd=REPO)
-        if "No available agent" not in submit.stderr:
-            break
-        time.sleep(2)
-    assert submit.returncode == 0, submit.stdout + submit.stderr
-    job_id = re.search(r"Job '([^']+)' submitted successfully", submit.stdout + submit.stderr).group(1)
-    client = ray_head.client()
-    deadline = time.monotonic() + 300
-    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.monotonic() < deadline, "job did not finish"
-        time.sleep(1)
-    logs = client.get_job_logs(job_id)
-    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
-    return logs
+    entrypoint = ["python", "-m", "jobs.finetune_seg", "--config", CONFIG, *overrides,
+                  f"ray.storage_path={tmp_path}", f"ray.name={name}"]
+    return finished_job_logs(ray_head, submit_job(ray_head, entrypoint, {}), timeout=300)
 
 
 def test_submitted_finetune_beats_all_background_and_resumes_exactly(ray_head, pasted, tmp_path):

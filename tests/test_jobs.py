@@ -14,7 +14,7 @@ import boto3
 
 from data_tools.make_shards import build_shards
 from tests.fixtures.datasets import make_imagefolder
-from tests.fixtures.ray import submit_job
+from tests.fixtures.ray import finished_job_logs, submit_job
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "jobs/configs/moco_cast_tiny.yaml"
@@ -97,11 +97,7 @@ def test_submitted_pretraining_survives_a_killed_worker(ray_head, s3_server, tmp
             time.sleep(1)
     assert killed, "no checkpoint appeared before the deadline"
 
-    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.monotonic() < deadline + 240, "job did not finish"
-        time.sleep(2)
-    logs = _job_logs(client, job_id)
-    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
+    logs = finished_job_logs(ray_head, job_id, timeout=deadline + 240 - time.monotonic())
 
     # the restarted worker group resumed from the checkpoint, not from step 0
     resumed = [int(s) for s in re.findall(r"\[cast-train\] resumed at step (\d+)", logs)]

@@ -41,7 +41,7 @@ def test_precision_rule_and_fp16_loss_scaling_on_cpu():
     torch.testing.assert_close(weight.detach(), torch.full((4,), 1 - 0.1 * 4e-3), rtol=1e-3, atol=1e-6)
 
 
-def test_a_run_in_fp16_with_a_token_budget_states_its_precision(ray_local, tmp_path):
+def test_a_run_in_fp16_with_a_token_budget_states_its_precision(ray_driver, tmp_path):
     make_imagefolder(tmp_path / "src", num_classes=2, per_class=4, size=64)
     build_shards(str(tmp_path / "src"), str(tmp_path / "shards"), "imagefolder", max_count=4, progress=False)
     cfg = load_config(TrainConfig, str(CONFIGS / "supervised_cast_tiny.yaml"), [

@@ -62,7 +62,7 @@ def _supervised(shards, storage, name, workers, batch):
     return load_config(TrainConfig, str(CONFIGS / "supervised_cast_tiny.yaml"), overrides)
 
 
-def test_two_workers_and_accumulation_match_one_worker_with_the_whole_batch(ray_local, shards, tmp_path):
+def test_two_workers_and_accumulation_match_one_worker_with_the_whole_batch(ray_driver, shards, tmp_path):
     """DDP averages gradients and accumulation sums micro-batches: 2 workers x 4 and 1 worker x 2
     micro-batches of 4 must give 1 x 8's weights (no dropout, BN frozen, same samples, SGD)."""
     states = {}
@@ -141,7 +141,7 @@ def test_linear_probe_writes_its_top1_beside_the_pretrained_checkpoint(shards, t
 
 
 def test_asha_sweep_ranks_by_knn_and_writes_the_base_recipe_plus_the_swept_values(
-        ray_local, shards, tmp_path, monkeypatch):
+        ray_driver, shards, tmp_path, monkeypatch):
     monkeypatch.chdir(CONFIGS.parents[1])
     make_imagefolder(tmp_path / "held_out", num_classes=2, per_class=2, size=64, seed=1)
     query = str(tmp_path / "query")
