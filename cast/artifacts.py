@@ -23,7 +23,7 @@ import tempfile
 import fsspec
 import torch
 
-from cast.storage import join, read_text, write_text
+from cast.storage import RetryPolicy, join, read_text, write_text
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
@@ -112,9 +112,10 @@ def report_url(checkpoint: str, name: str = "eval") -> str:
     return f"{checkpoint.rstrip('/')}.{name}.json"
 
 
-def write_report(results: dict, url: str) -> str:
-    """Write ``results`` as indented JSON to ``url`` (NaN becomes null); returns ``url``."""
-    return write_text(url, json.dumps(_finite(results), indent=2, sort_keys=False) + "\n")
+def write_report(results: dict, url: str, policy: RetryPolicy | None = None) -> str:
+    """Write ``results`` as indented JSON to ``url`` (NaN becomes null) under the storage ``policy``;
+    returns ``url``."""
+    return write_text(url, json.dumps(_finite(results), indent=2, sort_keys=False) + "\n", policy)
 
 
 def read_report(url: str) -> dict | None:

@@ -9,7 +9,6 @@ best on any reported metric (``checkpoint.best_metric``) in ``<run>/best``.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import replace
 
@@ -25,7 +24,7 @@ from cast.eval.dense import predict_logits
 from cast.eval.features import extract_features
 from cast.eval.knn import knn_accuracy
 from cast.eval.segmentation import SegmentationMeter
-from cast.storage import join
+from cast.storage import join, retry, write_text
 from cast.train.config import TrainConfig
 from cast.train.distributed import all_reduce_sum, gather_objects
 from cast.train.objectives import top1_correct
@@ -152,6 +151,7 @@ class BestCheckpoint:
     def __init__(self, cfg: TrainConfig):
         self.metric, self.mode = cfg.checkpoint.best_metric, cfg.checkpoint.best_mode
         self.url = join(cfg.run_folder(), BEST_FOLDER)
+        self.policy = cfg.checkpoint.retry  # the storage policy of every other checkpoint write
         self.value: float | None = None
 
     def improved(self, metrics: dict) -> bool:
@@ -167,15 +167,20 @@ class BestCheckpoint:
         return better
 
     def publish(self, local_folder: str, metrics: dict, step: int, epoch: int) -> str:
-        """Copy a local checkpoint folder (before it is reported) to ``<run>/best``, replacing the old one."""
+        """Copy a local checkpoint folder (before it is reported) to ``<run>/best``, replacing the old one;
+        transient storage errors are retried as for every checkpoint, ``_COMPLETE`` comes last."""
         fs, path = fsspec.core.url_to_fs(self.url)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-        fs.put(local_folder.rstrip("/") + "/", path, recursive=True)
+
+        def replace_folder() -> None:
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            fs.put(local_folder.rstrip("/") + "/", path, recursive=True)
+
+        retry(replace_folder, self.url, self.policy, key="ray.storage_path", what="best copy")
         record = {"metric": self.metric, "value": self.value, "step": step, "epoch": epoch,
                   "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}}
-        fs.pipe_file(f"{path}/best.json", json.dumps(record, indent=1).encode())
-        fs.pipe_file(f"{path}/{COMPLETE_MARKER}", b"ok\n")
+        write_report(record, join(self.url, "best.json"), self.policy)
+        write_text(join(self.url, COMPLETE_MARKER), "ok\n", self.policy)
         return self.url
 
     def state_dict(self) -> dict:
