@@ -23,12 +23,15 @@ from tests.fixtures.datasets import make_imagefolder
 REPO = Path(__file__).resolve().parents[1]
 TINY = "jobs/configs/moco_cast_tiny.yaml"
 SUPERVISED = "jobs/configs/supervised_cast_tiny.yaml"
+SWEEP = "jobs/configs/sweep_moco_tiny.yaml"
 
 # what the job process runs: every case through the real entry point, then proof that Ray never started
 DRIVER = """
 import glob, json, os, sys
 from cast.train.cli import run_training_job
-results = [run_training_job(argv, objective) for objective, argv in json.loads(sys.argv[1])]
+from cast.tune.cli import run_sweep_job
+results = [run_sweep_job(argv) if objective == "sweep" else run_training_job(argv, objective)
+           for objective, argv in json.loads(sys.argv[1])]
 import ray
 children = []
 for stat in glob.glob("/proc/[0-9]*/stat"):
@@ -75,8 +78,15 @@ def test_each_preflight_failure_exits_2_naming_the_key_before_any_ray_process(
         ("moco", [*ok, "model.kwargs.img_size=big"], "model.kwargs.img_size"),
         ("moco", [*ok, "model.kwargs.depths=[1,1,1]"], "model.kwargs"),  # 3 depths, 4 cluster counts
         ("supervised", [*ok, "supervised.num_classes=1"], "supervised.num_classes"),
+        # a sweep: its base config, then every listed value, as a trial would train with it
+        ("sweep", [f"overrides=[data.shards={tmp_path}/nowhere]"], "base: data.shards"),
+        ("sweep", [f"overrides=[data.shards={local},ray.num_workers=1]",  # 17 x 1 worker > 16 samples
+                   "search={data.batch_size: {grid: [2, 17]}}"],
+         "search.data.batch_size=17: data.batch_size"),
     ]
-    calls = [(objective, ["--config", SUPERVISED if objective == "supervised" else TINY, *overrides])
+    configs = {"supervised": SUPERVISED, "sweep": SWEEP}
+    calls = [(objective, ["--config", configs.get(objective, TINY), *overrides,
+                          *([f"storage_path={tmp_path}/sweeps"] if objective == "sweep" else [])])
              for objective, overrides, _ in cases]
     try:
         proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(calls)], cwd=REPO, env=env,

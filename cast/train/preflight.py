@@ -6,8 +6,8 @@ seconds with the config key named (``ConfigError``; the job exits 2).
   failure names the ``model.kwargs`` key at fault (unknown or ill-typed keys of a CAST variant are
   already named by ``TrainConfig.validate``);
 - the superpixel provider the model needs;
-- the shards (``data.shards``, ``linear.val_shards``): the manifest reads, every shard it lists exists
-  (one listing per folder, not one request per shard);
+- the shards (``data.shards``, ``linear.val_shards``, ``segmentation.val_shards``, ``knn.*``): the
+  manifest reads, every shard it lists exists (one listing per folder, not one request per shard);
 - the global batch (``data.batch_size`` x workers x accumulation) against the data set size;
 - the manifest's classes against ``<objective>.num_classes``;
 - ``ray.storage_path`` writable: a tiny probe object, removed again.
@@ -45,7 +45,8 @@ def run_preflight(cfg: TrainConfig) -> list[str]:
     done.append(check_classes(cfg, manifest))
     for key, url in (("linear.val_shards", cfg.linear.val_shards if cfg.objective == "linear" else ""),
                      ("segmentation.val_shards",
-                      cfg.segmentation.val_shards if cfg.objective == "segmentation" else "")):
+                      cfg.segmentation.val_shards if cfg.objective == "segmentation" else ""),
+                     ("knn.bank_shards", cfg.knn.bank_shards), ("knn.query_shards", cfg.knn.query_shards)):
         if url:
             val = check_shards(url, key, data_policy)
             done.append(f"{key}: {val.num_shards} shards, {val.num_samples} samples")

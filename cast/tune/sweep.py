@@ -18,6 +18,7 @@ compares trials whatever their temperature; the contrastive loss, scaled by 2 x 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import yaml
@@ -64,15 +65,26 @@ class SweepConfig:
             )
         if self.num_samples < 1:
             raise ConfigError(f"num_samples: expected >= 1, got {self.num_samples}")
+        list(self.edge_configs())
+
+    def edge_configs(self) -> Iterator[tuple[str, TrainConfig]]:
+        """The base config, then one trial config per listed value or range end (each validated, stored
+        where trials store), labelled ``base`` or ``search.<key>=<value>``."""
         base = base_config(self)
+        base.ray.storage_path = self.trials_folder()
+        yield "base", base
         for key, spec in self.search.items():
             sampler, args = _sampler(key, spec)
-            for value in args:  # range ends or every listed value: each must make a valid job config
-                trial_config(base, {key: value})
+            for value in args:
+                yield f"search.{key}={value}", trial_config(base, {key: value})
 
     def resolved_storage_path(self) -> str:
         """Ray needs an absolute local path or a URL."""
         return absolute(self.storage_path)
+
+    def trials_folder(self) -> str:
+        """Where each trial's own run folder (checkpoints, config) goes."""
+        return join(self.resolved_storage_path(), self.name, "trials")
 
 
 def base_config(sweep: SweepConfig) -> TrainConfig:
@@ -123,7 +135,7 @@ def run_sweep(sweep: SweepConfig):
 
     def trial_driver(params: dict) -> None:
         cfg = trial_config(base, params)
-        cfg.ray.storage_path = folder + "/trials"
+        cfg.ray.storage_path = sweep.trials_folder()
         cfg.ray.name = tune.get_context().get_trial_name()
         build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
 
