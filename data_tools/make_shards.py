@@ -21,6 +21,7 @@ import argparse
 import ctypes
 import hashlib
 import json
+import multiprocessing
 import os
 import posixpath
 import random
@@ -130,24 +131,24 @@ def _worker_init(parent: int) -> None:
     other systems and a parent that died before this ran. Without this an orphan blocks on the task
     pipe for ever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited by fork
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):
             pass
-    forked_from = os.getppid()  # the parent itself, or a fork server that exits with it
+    started_by = os.getppid()  # the parent itself, or a fork server that exits with it
 
-    def gone() -> bool:  # reparented, or (when forked by a server) the parent pid no longer exists
+    def gone() -> bool:  # reparented, or (when started by a server) the parent pid no longer exists
         try:
             os.kill(parent, 0)
         except ProcessLookupError:
             return True
         except PermissionError:
             pass
-        return os.getppid() != forked_from
+        return os.getppid() != started_by
 
-    if forked_from != parent and gone():
+    if started_by != parent and gone():
         os._exit(1)
 
     def watch() -> None:
@@ -247,7 +248,10 @@ def write_shards(
     scratch = tempfile.mkdtemp(prefix="cast-shards-")
     try:
         if workers > 1 and len(todo) > 1:
-            pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
+            # spawned, not forked: a fork copies the caller's threads and sockets mid-use (a Ray driver's
+            # gRPC channels: after a forked pool its next remote call hung), and Python warns about it
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_worker_init, initargs=(os.getpid(),))
             try:
                 futures = [pool.submit(write_shard, plan[i], dest, names[i], scratch) for i in todo]
                 for future in as_completed(futures):

@@ -62,6 +62,28 @@ def _supervised(shards, storage, name, workers, batch):
     return load_config(TrainConfig, str(CONFIGS / "supervised_cast_tiny.yaml"), overrides)
 
 
+def test_a_driver_that_builds_shards_with_a_process_pool_after_training_can_still_use_ray(
+        ray_driver, s3_env, tmp_path):
+    """A forked pool (writing to S3) once broke a driver that had run a trainer: its next remote call
+    hung (the next trainer, in CI: for ever)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    TorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1),
+                 run_config=RunConfig(storage_path=str(tmp_path / "runs"))).fit()
+    make_imagefolder(tmp_path / "src", num_classes=2, per_class=8, size=32)
+    info = build_shards(str(tmp_path / "src"), f"s3://{s3_env}/shards", "imagefolder", max_count=2, workers=2,
+                        progress=False)
+    assert len(info.shards) == 8
+
+    @ray_driver.remote
+    class Echo:
+        def echo(self, value):
+            return value
+
+    assert ray_driver.get(Echo.remote().echo.remote(7), timeout=60) == 7
+
+
 def test_two_workers_and_accumulation_match_one_worker_with_the_whole_batch(ray_driver, shards, tmp_path):
     """DDP averages gradients and accumulation sums micro-batches: 2 workers x 4 and 1 worker x 2
     micro-batches of 4 must give 1 x 8's weights (no dropout, BN frozen, same samples, SGD)."""
