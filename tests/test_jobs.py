@@ -1,7 +1,9 @@
 """The job entry points as users run them: bad configs stop before Ray; `ray job submit` of a tiny
 MoCo run on shards in the loopback S3 server, 2 workers, checkpoints in s3://, one worker killed
-mid-run (by pid), and the run finishing from its last checkpoint."""
+mid-run (by pid), and the run finishing from its last checkpoint; a sweep whose driver is killed (by
+pid) mid-sweep, submitted again, restored and finished."""
 
+import logging
 import os
 import re
 import signal
@@ -120,3 +122,57 @@ def test_submitted_pretraining_survives_a_killed_worker(ray_head, s3_server, tmp
     )
     assert f"runs/{name}/config.yaml" in keys
     assert any("/tensorboard/" in k and "events" in k for k in keys)
+
+
+def test_a_sweep_whose_driver_is_killed_is_restored_and_finishes_without_rerunning_finished_trials(
+        ray_head, tmp_path):
+    import yaml
+    from ray.job_submission import JobStatus
+    from ray.tune import ExperimentAnalysis
+
+    make_imagefolder(tmp_path / "src", num_classes=2, per_class=4, size=64)
+    make_imagefolder(tmp_path / "held_out", num_classes=2, per_class=2, size=64, seed=1)
+    shards, query = str(tmp_path / "shards"), str(tmp_path / "query")
+    build_shards(str(tmp_path / "src"), shards, "imagefolder", max_count=4, progress=False)
+    build_shards(str(tmp_path / "held_out"), query, "imagefolder", max_count=4, progress=False)
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        **yaml.safe_load((REPO / "jobs/configs/sweep_moco_tiny.yaml").read_text()),
+        "overrides": [f"data.shards={shards}", f"knn.bank_shards={shards}", f"knn.query_shards={query}",
+                      "knn.k=3", "ray.num_workers=1", "data.batch_size=4", "schedule.epochs=2",
+                      "checkpoint.every_steps=0", "logging.every_steps=1000000", "logging.tensorboard=false",
+                      "ray.resources_per_worker={CPU: 0.45}"],
+        "max_concurrent_trials": 2, "storage_path": str(tmp_path / "sweeps"), "name": "sweep",
+    }))
+    entrypoint = ["python", "-m", "jobs.sweep", "--config", str(sweep_file)]
+    # trials that have not reported yet have no result.json: expected while polling, not a warning
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    folder = tmp_path / "sweeps" / "sweep"
+    client = ray_head.client()
+    job_id = submit_job(ray_head, entrypoint, {})
+
+    def finished_trials() -> dict[str, str]:
+        """Trials the sweep's saved state records as finished: their result.json text, by trial id."""
+        if not list(folder.glob("experiment_state-*.json")):
+            return {}
+        trials = ExperimentAnalysis(str(folder)).trials
+        return {t.trial_id: (Path(t.path) / "result.json").read_text()
+                for t in trials if t.status == "TERMINATED"}
+
+    deadline = time.monotonic() + 300
+    while not (finished := finished_trials()):
+        assert client.get_job_status(job_id) not in (JobStatus.FAILED, JobStatus.STOPPED), \
+            _job_logs(client, job_id)[-4000:]
+        assert time.monotonic() < deadline, "no trial finished"
+        time.sleep(1)
+    assert len(finished) < 4, "the sweep finished before its driver could be killed"
+    os.kill(int(client.get_job_info(job_id).driver_info.pid), signal.SIGKILL)
+    finished_job_logs(ray_head, job_id, timeout=60, expect="FAILED")
+
+    logs = finished_job_logs(ray_head, submit_job(ray_head, entrypoint, {}), timeout=400)
+    assert f"[cast-sweep] restoring {folder}" in logs
+    assert re.search(r"sweep sweep: 4 trials, 0 failed; best config: \S+best_config\.yaml", logs), \
+        logs[-4000:]
+    after = finished_trials()
+    assert len(after) == 4
+    assert {trial: after[trial] for trial in finished} == finished  # recorded results untouched: not rerun
