@@ -15,7 +15,7 @@ from pathlib import Path
 import boto3
 
 from data_tools.make_shards import build_shards
-from tests.fixtures.datasets import make_imagefolder
+from tests.fixtures.datasets import make_imagefolder, tiny_sweep_overrides
 from tests.fixtures.ray import finished_job_logs, submit_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,17 +131,12 @@ def test_a_sweep_whose_driver_is_killed_is_restored_and_finishes_without_rerunni
     from ray.tune import ExperimentAnalysis
 
     make_imagefolder(tmp_path / "src", num_classes=2, per_class=4, size=64)
-    make_imagefolder(tmp_path / "held_out", num_classes=2, per_class=2, size=64, seed=1)
-    shards, query = str(tmp_path / "shards"), str(tmp_path / "query")
+    shards = str(tmp_path / "shards")
     build_shards(str(tmp_path / "src"), shards, "imagefolder", max_count=4, progress=False)
-    build_shards(str(tmp_path / "held_out"), query, "imagefolder", max_count=4, progress=False)
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump({
         **yaml.safe_load((REPO / "jobs/configs/sweep_moco_tiny.yaml").read_text()),
-        "overrides": [f"data.shards={shards}", f"knn.bank_shards={shards}", f"knn.query_shards={query}",
-                      "knn.k=3", "ray.num_workers=1", "data.batch_size=4", "schedule.epochs=2",
-                      "checkpoint.every_steps=0", "logging.every_steps=1000000", "logging.tensorboard=false",
-                      "ray.resources_per_worker={CPU: 0.45}"],
+        "overrides": tiny_sweep_overrides(shards, tmp_path),
         "max_concurrent_trials": 2, "storage_path": str(tmp_path / "sweeps"), "name": "sweep",
     }))
     entrypoint = ["python", "-m", "jobs.sweep", "--config", str(sweep_file)]

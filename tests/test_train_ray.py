@@ -21,7 +21,7 @@ from cast.train.driver import fit
 from cast.train.objectives import MoCo
 from cast.tune.sweep import SweepConfig, run_sweep
 from data_tools.make_shards import build_shards
-from tests.fixtures.datasets import make_imagefolder
+from tests.fixtures.datasets import make_imagefolder, tiny_sweep_overrides
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
@@ -165,28 +165,12 @@ def test_linear_probe_writes_its_top1_beside_the_pretrained_checkpoint(shards, t
 def test_asha_sweep_ranks_by_knn_and_writes_the_base_recipe_plus_the_swept_values(
         ray_driver, shards, tmp_path, monkeypatch):
     monkeypatch.chdir(CONFIGS.parents[1])
-    make_imagefolder(tmp_path / "held_out", num_classes=2, per_class=2, size=64, seed=1)
-    query = str(tmp_path / "query")
-    build_shards(str(tmp_path / "held_out"), query, "imagefolder", max_count=4, progress=False)
     sweep = load_config(
         SweepConfig,
         str(CONFIGS / "sweep_moco_tiny.yaml"),
         [f"storage_path={tmp_path}", "name=sweep", "asha={max_t: 2, grace_period: 1, reduction_factor: 2}"],
     )
-    sweep.overrides = [
-        f"data.shards={shards}",
-        f"knn.bank_shards={shards}",
-        f"knn.query_shards={query}",
-        "knn.k=3",
-        "ray.num_workers=1",
-        "data.batch_size=4",
-        "schedule.epochs=2",
-        "checkpoint.every_steps=0",
-        "logging.every_steps=1000000",
-        "logging.tensorboard=false",
-        "ray.max_failures=0",
-        "ray.resources_per_worker={CPU: 0.45}",
-    ]
+    sweep.overrides = [*tiny_sweep_overrides(shards, tmp_path), "ray.max_failures=0"]
     results, best = run_sweep(sweep)
     assert len(results) == 4
     assert all(r.error is None for r in results)
