@@ -173,3 +173,19 @@ def test_segmentation_recipe_is_seeded_and_keeps_classes_apart():
         return sum(0.25 < f < 0.75 for f in fractions) / len(fractions)
 
     assert balanced(0.75) > 0.9 > 0.5 > balanced(1.0)
+
+
+def test_every_randaugment_op_of_the_deit_recipe_takes_the_top_magnitude(photo):
+    """rand-m9-mstd0.5 clips its Gaussian magnitude at 10, where increasing posterize keeps 0 bits: Pillow 13
+    refuses 0 bits, so unpatched this killed a loader worker about once per 44 posterize draws."""
+    recipe = build_recipe("supervised", 48)
+    ops = [op for step in recipe.pil_part.transforms for op in getattr(step, "ops", ())]
+    assert len(ops) > 10 and any(op.name == "PosterizeIncreasing" for op in ops)
+    for op in ops:
+        op.prob, op.magnitude_std = 1.0, 0.0
+        op.magnitude = 10
+        assert op(photo).size == photo.size, op.name
+        if op.name == "PosterizeIncreasing":
+            assert np.asarray(op(photo)).max() == 0  # 0 bits kept: black, as Pillow before 13 gave
+            op.magnitude = 9  # 1 bit kept
+            assert set(np.unique(np.asarray(op(photo)))) == {0, 128}
