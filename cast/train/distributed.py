@@ -21,6 +21,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers on every worker. DDP copies them only at the start of a forward, so after a step
+    each rank holds BatchNorm statistics of its own batches; a figure summed over ranks must be of one
+    model, the one rank 0 checkpoints."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """The tensors of all workers concatenated in rank order (no gradient flows back through it)."""
     if not is_distributed():

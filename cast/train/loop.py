@@ -23,7 +23,7 @@ from cast.data.reader import epoch_samples
 from cast.precision import resolve
 from cast.train.checkpoint import TrainState, checkpoint_name, retrying_upload, seed_everything
 from cast.train.config import TrainConfig
-from cast.train.distributed import gather_objects
+from cast.train.distributed import broadcast_buffers, gather_objects
 from cast.train.metrics import MetricsWindow, Reporter
 from cast.train.objectives import build_objective, compile_encoders
 from cast.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
@@ -126,6 +126,9 @@ class Trainer:
                     self._report(window, loader, with_checkpoint=checkpoint_due)
                     window = MetricsWindow()
             validate = self.validation is not None and self.validation.due(position.epoch + 1)
+            if validate:
+                for module in self.objective.scored_modules(self.module):
+                    broadcast_buffers(module)
             extra = self.validation.evaluate(self.module) if validate else {}
             if self.validation is not None and position.epoch + 1 == cfg.total_epochs:
                 self.validation.finish(extra)  # before the last report: a restart redoes both

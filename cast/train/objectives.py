@@ -170,6 +170,10 @@ class Objective:
     def after_step(self, module: nn.Module, progress: float) -> None:
         """Called after each optimizer step; ``progress``: the fractional epoch reached by it."""
 
+    def scored_modules(self, module: nn.Module) -> list[nn.Module]:
+        """What validation scores and rank 0 checkpoints: the trained module (and any average of it)."""
+        return [module]
+
     def param_groups(self, module: nn.Module) -> list[dict] | None:
         """The optimizer's param groups when the recipe has its own (lr multipliers); None = the default."""
         return None
@@ -227,6 +231,9 @@ class SupervisedObjective(Objective):
     def after_step(self, module, progress):
         if self.ema is not None:
             self.ema.update(module)
+
+    def scored_modules(self, module):
+        return [module] if self.ema is None else [module, self.ema.module]
 
     def state_dict(self):
         return {"ema": self.ema.module.state_dict()} if self.ema is not None else {}
