@@ -126,14 +126,15 @@ class MocoRecipe(Recipe):
         return [_to_uint8(view(image)) for view in self.views], None
 
 
-def _posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
-    """Keep the top ``bits_to_keep`` bits of every channel; 0 bits gives black. RandAugment's increasing
-    posterize keeps 0 bits at magnitude 10, drawn by rand-m9-mstd0.5 on about one application in 44: Pillow
-    before 13 (what DeiT trained with) blacked the image, Pillow 13 raises in the loader worker."""
-    if bits_to_keep >= 8:
-        return image
-    mask = 0xFF & ~(2 ** (8 - bits_to_keep) - 1)
-    return image.point([value & mask for value in range(256)] * len(image.getbands()))
+def _posterize(image: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, with 0 bits kept giving black. RandAugment's increasing posterize keeps 0 bits at
+    magnitude 10, drawn by rand-m9-mstd0.5 on about one application in 44: Pillow before 13 (what DeiT
+    trained with) blacked the image, Pillow 13 raises in the loader worker."""
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return posterize(image, bits_to_keep, **kwargs)
 
 
 class SupervisedRecipe(Recipe):
